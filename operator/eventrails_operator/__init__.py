@@ -1,0 +1,1 @@
+"""The eventrails operator: reconciles EventBus, Topic and Consumer resources with kopf."""

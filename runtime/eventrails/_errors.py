@@ -1,0 +1,110 @@
+"""The exceptions eventrails raises, and the one place that translates nats-py errors into them.
+
+    EventrailsError
+    ├── PayloadError              a payload breaks the topic's contract (never retried)
+    ├── ConfigurationError        settings or a handler reference are invalid
+    └── NatsError                 a NATS or JetStream operation failed
+        ├── NatsUnavailable       temporary: timeout, no responders, 503, connection lost
+        ├── JetStreamNotFound     the stream or consumer does not exist
+        └── JetStreamRejected     the server rejected the request (carries the error codes)
+            └── ...
+
+Callers catch these types, never the nats-py ones; ``translate`` keeps the original as
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import nats.js.errors
+
+
+class EventrailsError(Exception):
+    """Base class of every error eventrails raises."""
+
+
+class PayloadError(EventrailsError, ValueError):
+    """A payload is not a JSON object, lacks a required key, or fails its model."""
+
+
+class ConfigurationError(EventrailsError):
+    """Settings, a manifest or a handler reference are invalid; the message names the fix."""
+
+
+class NatsError(EventrailsError):
+    """A NATS or JetStream operation failed."""
+
+
+class NatsUnavailable(NatsError):
+    """NATS did not answer in time or is reconnecting; the same call may succeed later."""
+
+
+class JetStreamNotFound(NatsError):
+    """The stream or consumer named in the request does not exist."""
+
+    def __init__(self, message: str, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+
+
+class JetStreamRejected(NatsError):
+    """The JetStream API rejected the request.
+
+    ``code`` is the HTTP-like status and ``err_code`` the JetStream error code, such as
+    10058 (stream name already in use with a different configuration).
+    """
+
+    def __init__(self, message: str, code: int | None = None, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.err_code = err_code
+        self.description = message
+
+
+# Errors after which the same request may succeed: the server or the route to it is
+# briefly unavailable (including a 503 while a stream elects a new leader).
+_TEMPORARY: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.TooManyStalledMsgsError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+def translate(error: BaseException, context: str) -> EventrailsError:
+    """Return the eventrails error for a nats-py error; ``context`` says what was being done.
+
+    The caller raises the result ``from error``. Errors that are already eventrails errors
+    pass through unchanged.
+    """
+    if isinstance(error, EventrailsError):
+        return error
+    if isinstance(error, nats.js.errors.NotFoundError):
+        return JetStreamNotFound(f"{context}: {error.description or 'not found'}", err_code=error.err_code)
+    if isinstance(error, _TEMPORARY):
+        detail = str(error) or type(error).__name__
+        return NatsUnavailable(f"{context}: NATS is unavailable ({detail}); retry later")
+    if isinstance(error, nats.js.errors.APIError):
+        return JetStreamRejected(
+            f"{context}: {error.description or 'rejected'} (code {error.code}, err_code {error.err_code})",
+            code=error.code,
+            err_code=error.err_code,
+        )
+    if isinstance(error, nats.errors.Error):
+        return NatsError(f"{context}: {type(error).__name__}: {error}")
+    return NatsError(f"{context}: unexpected {type(error).__name__}: {error}")
+
+
+def is_temporary(error: BaseException) -> bool:
+    return isinstance(error, NatsUnavailable) or isinstance(error, _TEMPORARY)
