@@ -1,0 +1,98 @@
+"""Run the eventrails operator: ``python -m eventrails_operator`` or ``eventrails operator``.
+
+This is the composition root: it reads ``OperatorSettings`` from the environment, builds
+kopf's settings and the handler registry, and runs kopf on the given namespaces (or the
+whole cluster when none are given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+import kopf
+import prometheus_client
+import pydantic
+
+from eventrails_operator._handlers import OperatorContext, build_registry
+from eventrails_operator._settings import OperatorSettings
+
+logger = logging.getLogger("eventrails.operator")
+
+# Annotations, not status fields: the CRDs' structural schemas would prune kopf's status
+# fields, and the spec is never written (GitOps tools would report drift).
+ANNOTATION_PREFIX = "eventrails.dev"
+FINALIZER = "eventrails.dev/finalizer"
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """Return kopf's settings for this operator."""
+    result = kopf.OperatorSettings()
+    result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    result.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    result.persistence.finalizer = FINALIZER
+    # The handlers' per-object log lines (INFO and above) become the object's Events.
+    result.posting.enabled = settings.post_events
+    result.posting.loggers = settings.post_events
+    result.posting.level = logging.INFO
+    # Bounded watches, so that a connection silently dropped by a proxy is noticed and renewed.
+    result.watching.server_timeout = 300
+    result.watching.client_timeout = 330
+    result.watching.connect_timeout = 30
+    # CustomResourceDefinitions are installed before the operator starts; no need to watch them.
+    result.scanning.disabled = True
+    return result
+
+
+def operator_arguments(settings: OperatorSettings, namespaces: list[str]) -> dict[str, Any]:
+    """Return the keyword arguments of ``kopf.run`` / ``kopf.operator`` for these settings."""
+    arguments: dict[str, Any] = {
+        "registry": build_registry(settings),
+        "settings": kopf_settings(settings),
+        "memo": kopf.Memo(eventrails=OperatorContext.create(settings)),
+        "liveness_endpoint": settings.liveness_endpoint,
+    }
+    if namespaces:
+        arguments["namespaces"] = list(namespaces)
+    else:
+        arguments["clusterwide"] = True
+    if settings.peering_name:
+        arguments["peering_name"] = settings.peering_name
+    else:
+        arguments["standalone"] = True
+    return arguments
+
+
+def run_operator(namespaces: list[str]) -> int:
+    """Run the operator until SIGINT or SIGTERM; return the process exit code."""
+    try:
+        settings = OperatorSettings()
+    except pydantic.ValidationError as error:
+        logger.error("invalid EVENTRAILS_OPERATOR_* settings: %s", error)
+        return 2
+    if settings.metrics_port:
+        prometheus_client.start_http_server(settings.metrics_port)
+    logger.info(
+        "starting the eventrails operator on %s; default NATS %s; resync every %.0fs; %s",
+        ", ".join(namespaces) if namespaces else "all namespaces",
+        ", ".join(settings.default_nats_servers), settings.resync_interval,
+        f"peering {settings.peering_name!r}" if settings.peering_name else "standalone",
+    )
+    kopf.run(**operator_arguments(settings, namespaces))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eventrails_operator", description=__doc__.splitlines()[0])
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="namespace to watch; repeatable; all namespaces when unset")
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=arguments.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    return run_operator(arguments.namespace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""kopf handlers for EventBus, Topic and Consumer: validate, resolve the bus, reconcile, report.
+
+``_reconcile`` does the JetStream work. This module adds the cluster's part: reading
+related objects, the worker Deployment, the status subresource, finalizers, retries,
+and Kubernetes Events (kopf posts the per-object log lines below as Events).
+
+Outcomes map onto kopf like this:
+
+- the desired state is reached: status Ready=True, the handler returns;
+- a temporary failure (NATS unreachable, Topic not applied yet, API hiccup): status
+  Ready=False with Reconciling=True, and ``kopf.TemporaryError`` with an exponential delay;
+- a permanent failure (invalid spec, a change JetStream cannot apply): status Ready=False
+  with Degraded=True, and ``kopf.PermanentError``, so nothing is retried until the spec
+  changes; the periodic resync still re-checks it, at the resync interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import kopf
+import prometheus_client
+import pydantic
+from nats.js.manager import JetStreamManager
+
+from eventrails import _naming
+from eventrails._errors import translate
+from eventrails._manifests import ManifestError, parse_resource
+from eventrails._resources import GROUP, VERSION, Consumer, EventBus, Topic
+from eventrails_operator import _conditions, _desired, _kube, _reconcile
+from eventrails_operator._bus import BusPool, describe, server_version
+from eventrails_operator._desired import METADATA_PREFIX, BusConnection
+from eventrails_operator._jetstream import Change, ReconcileError
+from eventrails_operator._settings import OperatorSettings
+
+logger = logging.getLogger("eventrails.operator")
+
+_R = TypeVar("_R", EventBus, Topic, Consumer)
+
+TEMPLATE_DIGEST_ANNOTATION = f"{METADATA_PREFIX}template-digest"
+# How long a Consumer's deletion waits between checks for its workers to terminate.
+_WORKERS_GONE_POLL = 3.0
+
+RECONCILES = prometheus_client.Counter(
+    "eventrails_operator_reconciles_total", "Reconciles by kind and outcome (ready, retry, failed).",
+    ["kind", "outcome"],
+)
+RECONCILE_SECONDS = prometheus_client.Histogram(
+    "eventrails_operator_reconcile_duration_seconds", "Time one reconcile took, by kind.", ["kind"],
+)
+
+
+@dataclass
+class OperatorContext:
+    """State shared by every handler: settings, the API adapter and the NATS connections."""
+
+    settings: OperatorSettings
+    kube: _kube.KubeApi
+    buses: BusPool
+    _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, settings: OperatorSettings) -> OperatorContext:
+        kube = _kube.KubeApi()
+        return cls(settings=settings, kube=kube, buses=BusPool(settings, kube))
+
+    def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
+        """Serialize the change handlers and the resync timer of one object."""
+        return self._locks.setdefault((kind, namespace, name), asyncio.Lock())
+
+    def retry_delay(self, retry: int) -> float:
+        return min(self.settings.retry_delay_max, self.settings.retry_delay_min * 2 ** min(retry, 16))
+
+
+def _context(memo: kopf.Memo) -> OperatorContext:
+    context = memo.get("eventrails")
+    if not isinstance(context, OperatorContext):
+        raise RuntimeError("the operator context is missing from kopf's memo: start the operator with run_operator")
+    return context
+
+
+# --- Activities --------------------------------------------------------------------------------
+
+
+async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> kopf.ConnectionInfo:
+    """Log in once for kopf and for the handlers' own API requests."""
+    context = _context(memo)
+    connection: kopf.ConnectionInfo | None
+    if context.settings.kube_api_server:
+        logger.info("using the Kubernetes API at %s without credentials", context.settings.kube_api_server)
+        connection = kopf.ConnectionInfo(server=context.settings.kube_api_server)
+    else:
+        connection = kopf.login_via_client(logger=logger, settings=settings)
+    if connection is None:
+        raise kopf.LoginError("no Kubernetes credentials: run in a cluster or provide a kubeconfig")
+    await context.kube.use(connection)
+    return connection
+
+
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    context = _context(memo)
+    await context.buses.close()
+    await context.kube.close()
+
+
+# --- Shared steps ------------------------------------------------------------------------------
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: copy.deepcopy(body[key]) for key in body}
+
+
+def _parse(body: Mapping[str, Any], expected: type[_R]) -> _R:
+    """Validate the object; an invalid one raises a permanent ReconcileError naming field, value and rule."""
+    raw = _plain(body)
+    status = raw.pop("status", None)
+    try:
+        resource = parse_resource(raw, source="cluster")
+    except ManifestError as error:
+        fields = sorted({problem.split(":", 1)[0] for problem in error.problems if ":" in problem})
+        raise ReconcileError(
+            "InvalidSpec", "invalid spec: " + "; ".join(error.problems),
+            field=", ".join(fields) or None, temporary=False,
+        ) from None
+    if not isinstance(resource, expected):
+        raise ReconcileError("InvalidSpec", f"kind {raw.get('kind')!r} is not {expected.__name__}", temporary=False)
+    # The status is read only for the previous conditions; one the models reject is replaced, not fatal.
+    if isinstance(status, dict):
+        try:
+            resource = expected.model_validate({**raw, "status": status})
+        except pydantic.ValidationError:
+            logger.debug("ignoring the unreadable status of %s %s", expected.__name__, resource.metadata.name)
+    return resource
+
+
+@dataclass
+class _Attempt:
+    """What one reconcile learned before it failed: the parsed object, when it got that far."""
+
+    resource: Topic | Consumer | EventBus | None = None
+
+
+def _failure_status(body: kopf.Body, resource: Topic | Consumer | EventBus | None, error: ReconcileError) -> dict[str, Any]:
+    generation = body.get("metadata", {}).get("generation")
+    if isinstance(resource, (Topic, Consumer)):
+        status = _reconcile.failed_status(resource, error)
+    else:
+        # Unparsed objects and EventBuses: the same conditions, built from the raw status.
+        previous = list((body.get("status") or {}).get("conditions") or [])
+        status = {
+            "conditions": _conditions.failed_conditions(
+                previous, error.reason, error.message, generation, temporary=error.temporary,
+            )
+        }
+    status["observedGeneration"] = generation
+    return status
+
+
+async def _patch_status(context: OperatorContext, resource: _kube.Resource, body: kopf.Body, status: dict[str, Any]) -> bool:
+    """Patch the status subresource with the fields that changed; return False when none did."""
+    live = body.get("status") or {}
+    changed = {key: value for key, value in status.items() if live.get(key) != value}
+    if not changed:
+        return False
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    await context.kube.merge_patch(resource, namespace, name, {"status": changed}, subresource="status")
+    return True
+
+
+def _describe_changes(changes: list[Change]) -> str:
+    parts = []
+    for change in changes:
+        text = f"{change.kind} {change.name} {change.action}"
+        if change.fields:
+            text += f" ({', '.join(change.fields)})"
+        parts.append(text)
+    return "; ".join(parts)
+
+
+async def _settle(
+    context: OperatorContext, kind: str, resource: _kube.Resource, body: kopf.Body, logger: logging.Logger,
+    retry: int, periodic: bool, reconcile: Callable[[_Attempt], Awaitable[dict[str, Any]]],
+) -> None:
+    """Run one reconcile, record its status, count it, and turn failures into kopf outcomes."""
+    started = time.monotonic()
+    attempt = _Attempt()
+    try:
+        status = await reconcile(attempt)
+    except _kube.KubeError as error:
+        failure = ReconcileError("KubernetesApiError", str(error), temporary=error.temporary)
+    except ReconcileError as error:
+        failure = error
+    else:
+        status["observedGeneration"] = body.get("metadata", {}).get("generation")
+        RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+        try:
+            await _patch_status(context, resource, body, status)
+        except _kube.KubeError as error:
+            RECONCILES.labels(kind, "retry").inc()
+            raise kopf.TemporaryError(f"could not record the status: {error}", delay=context.retry_delay(retry)) from error
+        RECONCILES.labels(kind, "ready").inc()
+        return
+
+    RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
+    RECONCILES.labels(kind, "retry" if failure.temporary else "failed").inc()
+    try:
+        status_changed = await _patch_status(context, resource, body, _failure_status(body, attempt.resource, failure))
+    except _kube.KubeError as error:
+        logger.warning("could not record the failure in the status (%s); retrying", error)
+        raise kopf.TemporaryError(f"{failure.message}; and the status could not be recorded: {error}",
+                                  delay=context.retry_delay(retry)) from error
+
+    detail = f"{failure.reason}: {failure.message}"
+    if periodic:
+        # Warn (and so post an Event) when the resync finds a new problem, not at every interval.
+        logger.log(logging.WARNING if status_changed else logging.DEBUG, "resync found the object not ready: %s", detail)
+        return
+    if failure.temporary:
+        delay = context.retry_delay(retry)
+        raise kopf.TemporaryError(f"{detail}; retrying in {delay:.0f}s", delay=delay)
+    raise kopf.PermanentError(f"{detail}; not retried until the spec changes")
+
+
+_Reconcile = Callable[[OperatorContext, kopf.Body, logging.Logger, _Attempt], Awaitable[dict[str, Any]]]
+
+
+async def _run(
+    kind: str, resource: _kube.Resource, reconcile: _Reconcile, body: kopf.Body, memo: kopf.Memo,
+    logger: logging.Logger, retry: int, *, periodic: bool,
+) -> None:
+    context = _context(memo)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    async with context.lock(kind, namespace, name):
+        await _settle(context, kind, resource, body, logger, retry, periodic,
+                      lambda attempt: reconcile(context, body, logger, attempt))
+
+
+# --- EventBus ----------------------------------------------------------------------------------
+
+
+async def _reconcile_event_bus(
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+) -> dict[str, Any]:
+    bus_resource = attempt.resource = _parse(body, EventBus)
+    namespace, name = bus_resource.metadata.namespace, bus_resource.metadata.name
+    bus = BusConnection.from_spec(name, bus_resource.spec)
+    client = await context.buses.client(namespace, bus)
+    version = server_version(client)
+    jsm = await context.buses.jetstream(namespace, bus)
+    try:
+        # A read: proves JetStream is enabled for this account (and domain) without writing.
+        await jsm.account_info()
+    except Exception as error:  # noqa: BLE001 - translated below
+        translated = translate(error, f"read JetStream account info through {describe(bus, namespace)}")
+        raise ReconcileError("JetStreamUnavailable", str(translated), temporary=True) from error
+
+    previous = [condition.model_dump(by_alias=True, exclude_none=True)
+                for condition in (bus_resource.status.conditions if bus_resource.status else [])]
+    message = f"connected to nats-server {version} with JetStream"
+    status = {
+        "serverVersion": version,
+        "conditions": _conditions.ready_conditions(previous, message, bus_resource.metadata.generation),
+    }
+    if bus_resource.status is None or bus_resource.status.server_version != version:
+        logger.info("EventBus %s/%s is ready: %s", namespace, name, message)
+    return status
+
+
+async def event_bus_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, retry, periodic=False)
+
+
+async def event_bus_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, 0, periodic=True)
+
+
+async def event_bus_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    context = _context(memo)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    await context.buses.forget(namespace, name)
+    logger.info("EventBus %s/%s deleted; closed its NATS connection", namespace, name)
+
+
+# --- Topic -------------------------------------------------------------------------------------
+
+
+async def _topic_jetstream(context: OperatorContext, topic: Topic) -> tuple[BusConnection, JetStreamManager]:
+    bus = await context.buses.resolve(topic.metadata.namespace, topic.spec.bus)
+    return bus, await context.buses.jetstream(topic.metadata.namespace, bus)
+
+
+async def _reconcile_topic(
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+) -> dict[str, Any]:
+    topic = attempt.resource = _parse(body, Topic)
+    bus, jsm = await _topic_jetstream(context, topic)
+    result = await _reconcile.reconcile_topic(jsm, topic, bus)
+    if result.writes:
+        logger.info("Topic reconciled on %s: %s", describe(bus, topic.metadata.namespace), _describe_changes(result.writes))
+    else:
+        logger.debug("Topic streams are in sync; nothing sent to JetStream")
+    if result.error is not None:
+        raise result.error
+    return result.status
+
+
+async def topic_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, retry, periodic=False)
+
+
+async def topic_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, 0, periodic=True)
+
+
+async def topic_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    """Delete the streams when ``deletionPolicy`` is Delete; any failure keeps the finalizer."""
+    context = _context(memo)
+    try:
+        topic = _parse(body, Topic)
+    except ReconcileError as error:
+        logger.warning("Topic deleted with an unreadable spec (%s); its streams, if any, are kept", error.message)
+        return
+    stream = _naming.stream_name(topic.metadata.namespace, topic.metadata.name)
+    if topic.spec.deletion_policy != "Delete":
+        logger.info("Topic deleted with deletionPolicy Retain: stream %s and its dead letters are kept", stream)
+        return
+    try:
+        _, jsm = await _topic_jetstream(context, topic)
+        changes = await _reconcile.delete_topic(jsm, topic)
+    except (ReconcileError, _kube.KubeError) as error:
+        delay = context.retry_delay(retry)
+        raise kopf.TemporaryError(f"could not delete stream {stream}: {error}; retrying in {delay:.0f}s", delay=delay) from error
+    logger.info("Topic deleted with deletionPolicy Delete: %s", _describe_changes(changes))
+
+
+# --- Consumer ----------------------------------------------------------------------------------
+
+
+def _contains(live: Any, desired: Any) -> bool:
+    """Whether ``live`` holds every value of ``desired`` (server defaults may add more)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(key in live and _contains(live[key], value) for key, value in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(map(_contains, live, desired))
+    return bool(live == desired)
+
+
+def _deployment_patch(live: dict[str, Any], desired: dict[str, Any], manage_replicas: bool) -> list[dict[str, Any]]:
+    """Return the JSON patch that makes the live Deployment match the desired one.
+
+    The pod template is replaced whole, so keys removed from the Consumer's template
+    overlay disappear too; labels, annotations and owner references set by others stay.
+    """
+    live_meta, desired_meta = live.get("metadata", {}), desired["metadata"]
+    owners = [ref for ref in live_meta.get("ownerReferences", [])
+              if ref.get("uid") not in {item["uid"] for item in desired_meta["ownerReferences"]}]
+    operations = [
+        {"op": "add", "path": "/metadata/labels", "value": {**live_meta.get("labels", {}), **desired_meta["labels"]}},
+        {"op": "add", "path": "/metadata/annotations",
+         "value": {**live_meta.get("annotations", {}), **desired_meta["annotations"]}},
+        {"op": "add", "path": "/metadata/ownerReferences", "value": owners + desired_meta["ownerReferences"]},
+        {"op": "add", "path": "/spec/template", "value": desired["spec"]["template"]},
+    ]
+    if manage_replicas:
+        operations.append({"op": "add", "path": "/spec/replicas", "value": desired["spec"]["replicas"]})
+    return operations
+
+
+def _owned_by(deployment: dict[str, Any], uid: str | None) -> bool:
+    return any(ref.get("uid") == uid for ref in deployment.get("metadata", {}).get("ownerReferences", []))
+
+
+async def _ensure_deployment(
+    context: OperatorContext, body: kopf.Body, consumer: Consumer, topic: Topic, bus: BusConnection,
+    logger: logging.Logger,
+) -> str:
+    """Create or patch the worker Deployment; return what was done (created, updated, unchanged)."""
+    desired = _desired.worker_deployment(consumer, topic, bus, context.settings.worker_image)
+    kopf.append_owner_reference(desired, owner=body, controller=True, block_owner_deletion=True)
+    digest = hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:16]
+    desired["metadata"]["annotations"] = {TEMPLATE_DIGEST_ANNOTATION: digest}
+    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+    # With autoscaling, the scaler owns the replica count after creation.
+    manage_replicas = consumer.spec.autoscaling is None
+
+    live = await context.kube.get(_kube.DEPLOYMENTS, namespace, name)
+    if live is None:
+        try:
+            await context.kube.create(_kube.DEPLOYMENTS, namespace, desired)
+        except _kube.KubeInvalid as error:
+            raise ReconcileError("DeploymentRejected", f"spec.template: worker Deployment {name} was rejected: {error}",
+                                 field="spec.template", temporary=False) from error
+        logger.info("created worker Deployment %s running `eventrails worker %s` with %d replicas",
+                    name, consumer.spec.handler, desired["spec"]["replicas"])
+        return "created"
+
+    if not _owned_by(live, consumer.metadata.uid):
+        raise ReconcileError(
+            "DeploymentConflict",
+            f"Deployment {namespace}/{name} exists but does not belong to this Consumer; "
+            "delete or rename it so the operator can create the workers",
+            temporary=True,
+        )
+    in_sync = (
+        live.get("metadata", {}).get("annotations", {}).get(TEMPLATE_DIGEST_ANNOTATION) == digest
+        and _contains(live.get("metadata", {}).get("labels", {}), desired["metadata"]["labels"])
+        and _contains(live.get("spec", {}).get("template"), desired["spec"]["template"])
+        and (not manage_replicas or live.get("spec", {}).get("replicas") == desired["spec"]["replicas"])
+    )
+    if in_sync:
+        return "unchanged"
+    try:
+        await context.kube.json_patch(_kube.DEPLOYMENTS, namespace, name, _deployment_patch(live, desired, manage_replicas))
+    except _kube.KubeInvalid as error:
+        raise ReconcileError("DeploymentRejected", f"spec.template: worker Deployment {name} was rejected: {error}",
+                             field="spec.template", temporary=False) from error
+    logger.info("updated worker Deployment %s to match the Consumer", name)
+    return "updated"
+
+
+async def _read_topic(context: OperatorContext, namespace: str, name: str) -> Topic | None:
+    body = await context.kube.get(_kube.TOPICS, namespace, name)
+    if body is None:
+        return None
+    try:
+        return _parse(body, Topic)
+    except ReconcileError as error:
+        raise ReconcileError(
+            "TopicInvalid", f"spec.topic: Topic {name!r} is not usable ({error.message}); fix the Topic",
+            field="spec.topic", temporary=True,
+        ) from None
+
+
+async def _reconcile_consumer(
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+) -> dict[str, Any]:
+    consumer = attempt.resource = _parse(body, Consumer)
+    namespace = consumer.metadata.namespace
+    topic = await _read_topic(context, namespace, consumer.spec.topic)
+    if topic is None:
+        raise ReconcileError(
+            "TopicNotFound",
+            f"spec.topic: Topic {consumer.spec.topic!r} not found in namespace {namespace!r}; "
+            "apply the Topic or fix spec.topic",
+            field="spec.topic", temporary=True,
+        )
+    bus, jsm = await _topic_jetstream(context, topic)
+    result = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
+    if result.writes:
+        logger.info("Consumer reconciled on %s: %s", describe(bus, namespace), _describe_changes(result.writes))
+    if result.error is not None:
+        raise result.error
+
+    # Workers start only after their durable consumer exists.
+    await _ensure_deployment(context, body, consumer, topic, bus, logger)
+    return {**result.status, "deployment": _naming.deployment_name(consumer.metadata.name)}
+
+
+async def consumer_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, retry, periodic=False)
+
+
+async def consumer_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, 0, periodic=True)
+
+
+async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+    """Remove the workers, wait until they are gone, then delete the JetStream consumer."""
+    context = _context(memo)
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    deployment = _naming.deployment_name(name)
+    try:
+        live = await context.kube.get(_kube.DEPLOYMENTS, namespace, deployment)
+        if live is not None and _owned_by(live, body["metadata"].get("uid")):
+            if not live.get("metadata", {}).get("deletionTimestamp"):
+                await context.kube.delete(_kube.DEPLOYMENTS, namespace, deployment, propagation="Foreground")
+                logger.info("deleted worker Deployment %s; the JetStream consumer goes once its pods are gone", deployment)
+            if await context.kube.get(_kube.DEPLOYMENTS, namespace, deployment) is not None:
+                raise kopf.TemporaryError(f"waiting for the pods of worker Deployment {deployment} to terminate",
+                                          delay=_WORKERS_GONE_POLL)
+    except _kube.KubeError as error:
+        delay = context.retry_delay(retry)
+        raise kopf.TemporaryError(f"could not delete worker Deployment {deployment}: {error}; retrying in {delay:.0f}s",
+                                  delay=delay) from error
+
+    try:
+        consumer = _parse(body, Consumer)
+    except ReconcileError as error:
+        logger.warning("Consumer deleted with an unreadable spec (%s); its JetStream consumer, if any, is kept",
+                       error.message)
+        return
+    stream = _naming.stream_name(namespace, consumer.spec.topic)
+    try:
+        topic = await _read_topic(context, namespace, consumer.spec.topic)
+        # TODO: remember the bus of a Consumer, so that deleting it after its Topic still finds a named EventBus.
+        bus = await context.buses.resolve(namespace, topic.spec.bus if topic is not None else None)
+        jsm = await context.buses.jetstream(namespace, bus)
+        change = await _reconcile.delete_consumer(jsm, consumer)
+    except (ReconcileError, _kube.KubeError) as error:
+        delay = context.retry_delay(retry)
+        raise kopf.TemporaryError(f"could not delete consumer {name} on stream {stream}: {error}; "
+                                  f"retrying in {delay:.0f}s", delay=delay) from error
+    logger.info("Consumer deleted: %s on stream %s", _describe_changes([change]), stream)
+
+
+class _QuietResync(logging.Filter):
+    """Keep kopf's routine "Timer '..._resync' succeeded." lines out of Kubernetes Events.
+
+    They would post an Event per object at every resync interval; the resync's own log
+    lines still become Events when it repairs something or finds a new problem.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno == logging.INFO and message.startswith("Timer '") and message.endswith("_resync' succeeded."):
+            record.k8s_skip = True
+        return True
+
+
+def quiet_resync_events() -> None:
+    """Install the filter on kopf's per-object logger, once per process."""
+    objects_logger = logging.getLogger("kopf.objects")
+    if not any(isinstance(item, _QuietResync) for item in objects_logger.filters):
+        objects_logger.addFilter(_QuietResync())
+
+
+# --- Registration ------------------------------------------------------------------------------
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    """Register every handler in a registry of its own, with the resync interval from settings."""
+    quiet_resync_events()
+    registry = kopf.OperatorRegistry()
+    kopf.on.login(registry=registry)(login)
+    kopf.on.cleanup(registry=registry)(cleanup)
+
+    interval = settings.resync_interval
+    kinds: list[tuple[str, Any, Any, Any, bool]] = [
+        ("eventbuses", event_bus_changed, event_bus_resync, event_bus_deleted, True),
+        ("topics", topic_changed, topic_resync, topic_deleted, False),
+        ("consumers", consumer_changed, consumer_resync, consumer_deleted, False),
+    ]
+    for plural, changed, resync, deleted, optional_finalizer in kinds:
+        for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+            decorator(GROUP, VERSION, plural, registry=registry)(changed)
+        kopf.on.delete(GROUP, VERSION, plural, registry=registry, optional=optional_finalizer)(deleted)
+        kopf.timer(GROUP, VERSION, plural, registry=registry, interval=interval, idle=interval,
+                   initial_delay=interval)(resync)
+    return registry
