@@ -165,10 +165,24 @@ def unknown_names(consumer: Consumer, topic: Topic) -> list[str]:
     return sorted(set(consumer.spec.names or []) - set(topic.spec.names))
 
 
+class _ExplicitWorkerSettings(WorkerSettings):
+    """WorkerSettings built from the given values and defaults only, never from the environment.
+
+    The operator (or local mode) computing them has EVENTRAILS_* variables of its own, such
+    as a NATS password, which must not reach worker Deployments.
+    """
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: Any, init_settings: Any, env_settings: Any, dotenv_settings: Any, file_secret_settings: Any,
+    ) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
 def worker_settings(consumer: Consumer, topic: Topic, bus: BusConnection) -> WorkerSettings:
     """Return the settings a worker process of this Consumer runs with."""
     spec = consumer.spec
-    return WorkerSettings(
+    explicit = _ExplicitWorkerSettings(
         nats_servers=list(bus.servers),
         jetstream_domain=bus.jetstream_domain,
         subject_prefix=bus.subject_prefix,
@@ -183,6 +197,8 @@ def worker_settings(consumer: Consumer, topic: Topic, bus: BusConnection) -> Wor
         dead_letter=topic.spec.dead_letter.enabled,
         health_port=WORKER_PORT,
     )
+    # A plain WorkerSettings with the validated values, without reading the environment again.
+    return WorkerSettings.model_construct(**explicit.model_dump())
 
 
 def _credential_env_and_volumes(bus: BusConnection) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -256,7 +272,7 @@ def worker_deployment(consumer: Consumer, topic: Topic, bus: BusConnection, defa
     if "resources" in overlay:
         container["resources"] = overlay.pop("resources")
 
-    drain = WorkerSettings().drain_timeout
+    drain = _ExplicitWorkerSettings().drain_timeout
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,

@@ -218,6 +218,15 @@ def test_worker_env_is_read_back_by_worker_settings(monkeypatch: pytest.MonkeyPa
     assert (settings.publish_outcomes, settings.health_host, settings.health_port) == (True, "127.0.0.1", 40001)
 
 
+def test_worker_env_ignores_this_process_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVENTRAILS_NATS_PASSWORD", "from-my-shell")
+    monkeypatch.setenv("EVENTRAILS_DRAIN_TIMEOUT", "3")
+    consumer, topic = _consumer(), _topic()
+    env = worker_env(consumer, topic, resolve_bus(topic, [], URL), health_port=40003, python_path=[], base_env=os.environ)
+    assert "EVENTRAILS_NATS_PASSWORD" not in env
+    assert env["EVENTRAILS_DRAIN_TIMEOUT"] == "25.0"
+
+
 def test_template_env_values_apply_and_value_from_is_listed() -> None:
     consumer = _consumer(template={"env": [
         {"name": "FEATURE_FLAG", "value": "on"},
