@@ -314,6 +314,7 @@ class _WorkerProcess:
         try:
             # Its own session (and so process group) keeps a terminal's Ctrl-C away from the
             # worker, so the stack decides when and how it stops.
+            # NOTE: workers outlive an `eventrails up` killed with SIGKILL; stop it with Ctrl-C or SIGTERM.
             self.process = await asyncio.create_subprocess_exec(
                 *worker_command(self.consumer.spec.handler), env=env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=output, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
