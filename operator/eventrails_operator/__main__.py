@@ -85,7 +85,7 @@ def run_operator(namespaces: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eventrails_operator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m eventrails_operator", description="Run the eventrails operator.")
     parser.add_argument("-n", "--namespace", action="append", default=[],
                         help="namespace to watch; repeatable; all namespaces when unset")
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")

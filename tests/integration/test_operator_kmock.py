@@ -13,6 +13,7 @@ rejects bad input here.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
@@ -36,7 +37,12 @@ from eventrails._settings import WorkerSettings
 from eventrails_operator.__main__ import operator_arguments
 from eventrails_operator._settings import OperatorSettings
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(90),
+    # kmock 0.8 loads its bundled resource list with a deprecated importlib call.
+    pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning"),
+]
 
 NAMESPACE = "shop"
 API = "eventrails.dev/v1alpha1"
@@ -360,7 +366,10 @@ async def test_topic_and_consumer_become_streams_consumer_and_workers(
         assert await stream_names(nc) == []
 
 
-async def test_bad_input_is_reported_and_creates_nothing(api: EmulatedApi, nats_server: NatsServer, nc: Client) -> None:
+async def test_bad_input_is_reported_and_creates_nothing(
+    api: EmulatedApi, nats_server: NatsServer, nc: Client, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
     async with running_operator(api, operator_settings(api, nats_server)):
         await apply(api, TOPICS, "Topic", "bad-task", {"tasks": ["Send_Email"]})
         await apply(api, TOPICS, "Topic", "bad-retention", {"tasks": ["send-email"], "retention": "forever"})
@@ -404,6 +413,22 @@ async def test_bad_input_is_reported_and_creates_nothing(api: EmulatedApi, nats_
                          "Consumer orphan to be Ready after its Topic was applied")
         assert live(api, DEPLOYMENTS, "orphan-worker") is not None
 
+        # A Topic on an EventBus whose credentials Secret is missing waits for it, then connects with it.
+        await apply(api, EVENTBUSES, "EventBus", "secured", {
+            "servers": [nats_server.url], "credentials": {"secretName": "nats-user", "kind": "userPassword"},
+        })
+        await apply(api, TOPICS, "Topic", "billing", {"events": ["InvoicePaid"], "bus": "secured"})
+        waiting = await eventually(lambda: failed(TOPICS, "billing"), "Topic billing to wait for its Secret")
+        assert waiting["reason"] == "SecretNotFound"
+        assert "shop/nats-user" in waiting["message"]
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "nats-user", "namespace": NAMESPACE},
+                  "data": {"username": base64.b64encode(b"billing").decode(), "password": base64.b64encode(b"s3cret").decode()}}
+        response = await api.post(f"/api/v1/namespaces/{NAMESPACE}/secrets", json=secret)
+        assert response.status == 200
+        await eventually(lambda: condition(live(api, TOPICS, "billing")).get("status") == "True",
+                         "Topic billing to be Ready once its Secret exists")
+        assert "s3cret" not in caplog.text
+
         # Fixing the spec is what retries a permanent failure.
         response = await api.patch(f"/apis/eventrails.dev/v1alpha1/namespaces/{NAMESPACE}/topics/bad-task",
                                    json={"spec": {"tasks": ["send-email"]}},
@@ -412,3 +437,33 @@ async def test_bad_input_is_reported_and_creates_nothing(api: EmulatedApi, nats_
         await eventually(lambda: condition(live(api, TOPICS, "bad-task")).get("status") == "True",
                          "Topic bad-task to be Ready after its spec was fixed")
         assert "shop_bad-task" in await stream_names(nc)
+
+
+async def test_failed_deletion_keeps_the_finalizer_and_retries(api: EmulatedApi, nats_server: NatsServer) -> None:
+    async with running_operator(api, operator_settings(api, nats_server, nats_request_timeout=1.0)):
+        await apply(api, TOPICS, "Topic", "ledger", {"tasks": ["post-entry"], "deletionPolicy": "Delete"})
+        await eventually(lambda: condition(live(api, TOPICS, "ledger")).get("status") == "True", "Topic ledger to be Ready")
+
+        # With NATS down, the streams cannot be deleted, so the Topic stays, held by its finalizer.
+        nats_server.stop()
+        await delete(api, TOPICS, "ledger")
+        # kopf records a failed attempt of the deletion handler in its progress annotation.
+        progress_key = "eventrails.dev/topic_deleted"
+        await eventually(
+            lambda: progress_key in ((live(api, TOPICS, "ledger") or {}).get("metadata", {}).get("annotations") or {}),
+            "the deletion handler to fail and schedule a retry",
+        )
+        held = live(api, TOPICS, "ledger")
+        assert held is not None
+        assert held["metadata"]["deletionTimestamp"]
+        assert held["metadata"]["finalizers"] == ["eventrails.dev/finalizer"]
+        assert '"retries":' in held["metadata"]["annotations"][progress_key]
+
+        # Once NATS is back, a retry deletes the streams and releases the Topic.
+        nats_server.start()
+        await eventually(lambda: live(api, TOPICS, "ledger") is None, "the Topic to be released after NATS returned")
+        client = await nats.connect(nats_server.url, connect_timeout=5)
+        try:
+            assert await stream_names(client) == []
+        finally:
+            await client.close()
