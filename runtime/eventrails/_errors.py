@@ -82,6 +82,16 @@ _TEMPORARY: tuple[type[BaseException], ...] = (
 )
 
 
+# Errors that mean the credentials or TLS settings are wrong: retrying unchanged cannot help.
+_SETTINGS: tuple[type[BaseException], ...] = (
+    nats.errors.AuthorizationError,
+    nats.errors.InvalidUserCredentialsError,
+    nats.errors.SecureConnRequiredError,
+    nats.errors.SecureConnWantedError,
+    nats.errors.SecureConnFailedError,
+)
+
+
 def translate(error: BaseException, context: str) -> EventrailsError:
     """Return the eventrails error for a nats-py error; ``context`` says what was being done.
 
@@ -90,16 +100,25 @@ def translate(error: BaseException, context: str) -> EventrailsError:
     """
     if isinstance(error, EventrailsError):
         return error
+    # Some APIError subclasses (the key-value ones) skip APIError.__init__, so read the
+    # server's fields defensively.
+    code = getattr(error, "code", None)
+    err_code = getattr(error, "err_code", None)
+    description = getattr(error, "description", None) or str(error)
     if isinstance(error, nats.js.errors.NotFoundError):
-        return JetStreamNotFound(f"{context}: {error.description or 'not found'}", err_code=error.err_code)
+        return JetStreamNotFound(f"{context}: {description or 'not found'}", err_code=err_code)
+    if isinstance(error, _SETTINGS):
+        return ConfigurationError(f"{context}: {error}; check the EVENTRAILS_NATS_* credentials and TLS settings")
+    if isinstance(error, nats.errors.MaxPayloadError):
+        return PayloadError(f"{context}: the message exceeds the server's max_payload; send IDs, not documents")
     if isinstance(error, _TEMPORARY):
         detail = str(error) or type(error).__name__
         return NatsUnavailable(f"{context}: NATS is unavailable ({detail}); retry later")
     if isinstance(error, nats.js.errors.APIError):
         return JetStreamRejected(
-            f"{context}: {error.description or 'rejected'} (code {error.code}, err_code {error.err_code})",
-            code=error.code,
-            err_code=error.err_code,
+            f"{context}: {description or 'rejected'} (code {code}, err_code {err_code})",
+            code=code,
+            err_code=err_code,
         )
     if isinstance(error, nats.errors.Error):
         return NatsError(f"{context}: {type(error).__name__}: {error}")

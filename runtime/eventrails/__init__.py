@@ -1,0 +1,43 @@
+"""eventrails: Kubernetes-native rails for background jobs and domain events on NATS JetStream.
+
+The public API is what ``__all__`` lists: a ``Publisher`` that enqueues tasks and publishes
+domain events, a ``Worker`` that registers handlers by name, the handler ``Context`` and
+outcomes, the settings that processes read from ``EVENTRAILS_*`` variables, and the
+exceptions. Test helpers live in ``eventrails.testing``; modules starting with ``_`` are
+internal.
+"""
+
+from eventrails._errors import (
+    ConfigurationError,
+    EventrailsError,
+    JetStreamNotFound,
+    JetStreamRejected,
+    NatsError,
+    NatsUnavailable,
+    PayloadError,
+)
+from eventrails._outcomes import DeadLetter, Done, Outcome, Retry, Skip
+from eventrails._publisher import PublishReceipt, Publisher
+from eventrails._settings import NatsSettings, WorkerSettings
+from eventrails._worker import Context, Worker
+
+__all__ = [
+    "ConfigurationError",
+    "Context",
+    "DeadLetter",
+    "Done",
+    "EventrailsError",
+    "JetStreamNotFound",
+    "JetStreamRejected",
+    "NatsError",
+    "NatsSettings",
+    "NatsUnavailable",
+    "Outcome",
+    "PayloadError",
+    "PublishReceipt",
+    "Publisher",
+    "Retry",
+    "Skip",
+    "Worker",
+    "WorkerSettings",
+]
