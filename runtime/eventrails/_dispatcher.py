@@ -269,8 +269,10 @@ class Dispatcher:
         self.metrics.ready.set(0)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await subscription.unsubscribe()
+            except Exception as error:  # noqa: BLE001 - the inbox goes away with the connection anyway
+                logger.debug("unsubscribing from consumer %s failed: %s", self._consumer, error)
 
     # --- fetching ------------------------------------------------------------------------
 
@@ -604,7 +606,10 @@ class Dispatcher:
                 logger.info("waiting up to %.1fs for the fetch under way to return", self._fetch_timeout)
             try:
                 leftovers = await asyncio.wait_for(fetch, timeout=self._fetch_timeout + 1.0)
-            except Exception:  # noqa: BLE001 - no messages (a timeout) or a failed fetch: nothing to hand back
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                leftovers = []
+            except Exception as error:  # noqa: BLE001 - a failed fetch brought nothing to hand back
+                logger.warning("the last fetch from consumer %s failed while draining: %s", self._consumer, error)
                 leftovers = []
             for msg in leftovers:
                 await self._settle_quietly(msg.nak(), self._ids(msg), "nak")

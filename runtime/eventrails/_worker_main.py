@@ -163,8 +163,10 @@ async def _serve(worker: Worker, settings: WorkerSettings) -> int:
                 dispatcher.stop()
             await dispatcher.run()
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await nc.close()
+            except Exception as error:  # noqa: BLE001 - the process exits either way
+                logger.warning("closing the NATS connection failed: %s", error)
     finally:
         await health.stop()
         for signum in (signal.SIGTERM, signal.SIGINT):
