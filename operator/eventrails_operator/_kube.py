@@ -41,6 +41,7 @@ class KubeError(Exception):
     @property
     def temporary(self) -> bool:
         """Whether the same request may succeed later without a change to any object."""
+        # TODO: on 401, ask kopf for a fresh login instead of waiting for kopf's own requests to fail.
         return self.status in (0, 401, 403, 408, 409, 429) or self.status >= 500
 
 
