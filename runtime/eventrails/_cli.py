@@ -88,3 +88,6 @@ def crds(
 
 def main() -> None:
     app()
+
+from eventrails._cli_dlq import app as _dlq_app  # noqa: E402 - sub-commands register after the app exists
+app.add_typer(_dlq_app, name="dlq")

@@ -51,10 +51,17 @@ class Contract:
     names: tuple[str, ...]
     required_keys: tuple[str, ...]
     exempt: frozenset[str]
+    schedules: bool = False
 
     @classmethod
-    def from_metadata(cls, topic: str, stream: str, metadata: Mapping[str, str] | None) -> Contract:
-        """Build the contract from stream metadata; raise ConfigurationError when it is not there."""
+    def from_metadata(
+        cls, topic: str, stream: str, metadata: Mapping[str, str] | None, *, schedules: bool = False
+    ) -> Contract:
+        """Build the contract from stream metadata; raise ConfigurationError when it is not there.
+
+        ``schedules`` tells whether the stream allows message schedules (the Topic's
+        ``spec.delayedDelivery``), which delayed and debounced tasks need.
+        """
         metadata = metadata or {}
         if _NAMES not in metadata:
             raise ConfigurationError(
@@ -69,6 +76,7 @@ class Contract:
             names=_split(metadata.get(_NAMES)),
             required_keys=_split(metadata.get(_REQUIRED_KEYS)),
             exempt=frozenset(_split(metadata.get(_EXEMPT))),
+            schedules=schedules,
         )
 
     def knows(self, name: str) -> bool:
@@ -81,6 +89,15 @@ class Contract:
             raise PayloadError(
                 f"{name!r} is not declared by topic {self.topic!r} (it declares {list(self.names)}); "
                 f"fix the name or add it to {field} of Topic {self.topic!r}"
+            )
+
+    def check_schedules(self, name: str, argument: str) -> None:
+        """Raise ConfigurationError when the topic cannot hold the delayed or debounced ``name``."""
+        if not self.schedules:
+            raise ConfigurationError(
+                f"{argument} of {name!r} needs delayed delivery, which topic {self.topic!r} does not allow "
+                f"(stream {self.stream} has no message schedules); set spec.delayedDelivery: true on Topic "
+                f"{self.topic!r} (nats-server 2.12 or later), or enqueue without {argument}"
             )
 
     def missing_keys(self, name: str, payload: Mapping[str, Any]) -> list[str]:
@@ -114,17 +131,25 @@ class ContractCache:
         self._contracts: dict[str, tuple[Contract, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, topic: str, name: str | None = None) -> Contract:
-        """Return the contract of ``topic``; read it again if ``name`` is new to the cached copy."""
+    async def get(self, topic: str, name: str | None = None, *, schedules: bool = False) -> Contract:
+        """Return the contract of ``topic``.
+
+        Reads it again if ``name`` is new to the cached copy, or if ``schedules`` are needed
+        and the cached copy has none (the Topic may have turned on delayed delivery since).
+        """
+
+        def fits(contract: Contract) -> bool:
+            return (name is None or contract.knows(name)) and (not schedules or contract.schedules)
+
         cached = self._contracts.get(topic)
-        if cached is not None and (name is None or cached[0].knows(name)):
+        if cached is not None and fits(cached[0]):
             return cached[0]
         lock = self._locks.setdefault(topic, asyncio.Lock())
         async with lock:
             cached = self._contracts.get(topic)
             if cached is not None:
                 contract, read_at = cached
-                if name is None or contract.knows(name) or time.monotonic() - read_at < _REFRESH_INTERVAL:
+                if fits(contract) or time.monotonic() - read_at < _REFRESH_INTERVAL:
                     return contract
             contract = await self._read(topic)
             self._contracts[topic] = (contract, time.monotonic())
@@ -146,9 +171,12 @@ class ContractCache:
                     err_code=translated.err_code,
                 ) from error
             raise translated from error
-        contract = Contract.from_metadata(topic, stream, info.config.metadata)
+        contract = Contract.from_metadata(
+            topic, stream, info.config.metadata, schedules=bool(info.config.allow_msg_schedules)
+        )
         logger.debug(
-            "read contract of topic %s from stream %s: names=%s required_keys=%s exempt=%s",
+            "read contract of topic %s from stream %s: names=%s required_keys=%s exempt=%s schedules=%s",
             topic, stream, ",".join(contract.names), ",".join(contract.required_keys), ",".join(sorted(contract.exempt)),
+            contract.schedules,
         )
         return contract

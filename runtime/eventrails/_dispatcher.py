@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 from nats.js.client import JetStreamContext
 
-from eventrails import _naming
+from eventrails import _naming, _schedule, _tracing
 from eventrails._contract import Contract, ContractCache
 from eventrails._errors import ConfigurationError, JetStreamNotFound, translate
 from eventrails._metrics import Metrics
@@ -59,6 +59,15 @@ _HEADER_VALUE_LIMIT = 1024
 # Pauses between attempts to bind a missing consumer and after failed fetches.
 _BIND_PAUSE = (0.5, 30.0)
 _FETCH_ERROR_PAUSE = (0.2, 10.0)
+# How long one pull request waits on the server for messages. A pull cannot be withdrawn:
+# a message the server hands to a pull after the worker stopped listening counts as a
+# delivery and comes back only after the ack wait. So a stopping worker waits for its last
+# pull to end and hands back what it brought (see _drain). Short pulls keep that wait, and
+# so an idle worker's exit after SIGTERM, near one second; while messages flow a pull
+# returns as soon as it has some, so the length only matters when idle, where it costs
+# one small request per second.
+DEFAULT_PULL_EXPIRY = 1.0
+
 # Consecutive failed fetches after which the dispatcher checks that its consumer still exists
 # (a deleted consumer shows up as a fetch without responders).
 _FETCH_ERRORS_BEFORE_RECHECK = 1
@@ -120,7 +129,7 @@ class Dispatcher:
         *,
         metrics: Metrics | None = None,
         publisher: Publisher | None = None,
-        fetch_timeout: float = 5.0,
+        fetch_timeout: float = DEFAULT_PULL_EXPIRY,
     ) -> None:
         if not settings.topic or not settings.consumer:
             raise ConfigurationError(
@@ -356,8 +365,11 @@ class Dispatcher:
         else:
             name = headers.get(NAME_HEADER) or msg.subject.rsplit(".", 1)[-1]
         seq = metadata.sequence.stream
+        # The server drops Nats-Msg-Id from the copy a schedule delivers; the publisher
+        # repeats the id in its own header for that case.
+        msg_id = headers.get(MSG_ID_HEADER) or headers.get(_schedule.MSG_ID_HEADER) or f"{self._stream}-{seq}"
         return _Ids(
-            topic=self._topic, name=name, msg_id=headers.get(MSG_ID_HEADER) or f"{self._stream}-{seq}",
+            topic=self._topic, name=name, msg_id=msg_id,
             subject=msg.subject, stream_seq=seq, delivery=metadata.num_delivered,
         )
 
@@ -433,17 +445,21 @@ class Dispatcher:
         )
         heartbeat = asyncio.create_task(self._heartbeat(msg, ids))
         started = time.perf_counter()
-        try:
+        headers = msg.headers or {}
+        with _tracing.handling(headers, ids.subject, ids.name, ids.msg_id, ids.delivery) as span:
             try:
-                outcome = resolve(await handler.func(argument, context))
-            except Outcome as raised:
-                outcome = raised
-        except Exception as error:  # noqa: BLE001 - every handler failure becomes an outcome
-            return self._failed(ids, error)
-        finally:
-            duration = time.perf_counter() - started
-            self.metrics.duration.labels(ids.topic, ids.name).observe(duration)
-            heartbeat.cancel()
+                try:
+                    outcome = resolve(await handler.func(argument, context))
+                except Outcome as raised:
+                    outcome = raised
+            except Exception as error:  # noqa: BLE001 - every handler failure becomes an outcome
+                span.failed(error)
+                return self._failed(ids, error)
+            finally:
+                duration = time.perf_counter() - started
+                self.metrics.duration.labels(ids.topic, ids.name).observe(duration)
+                heartbeat.cancel()
+            span.set("eventrails.outcome", outcome.kind)
 
         if isinstance(outcome, Retry) and ids.delivery >= self._settings.max_deliver:
             return _Verdict(

@@ -92,6 +92,11 @@ _SETTINGS: tuple[type[BaseException], ...] = (
 )
 
 
+# JetStream error codes that mean the stream is not set up for what was asked.
+_SCHEDULES_DISABLED = 10188  # a schedule was published to a stream without allow_msg_schedules
+_SCHEDULE_TARGET_INVALID = 10190  # the schedule's target subject is not one of the stream's
+
+
 def translate(error: BaseException, context: str) -> EventrailsError:
     """Return the eventrails error for a nats-py error; ``context`` says what was being done.
 
@@ -114,6 +119,16 @@ def translate(error: BaseException, context: str) -> EventrailsError:
     if isinstance(error, _TEMPORARY):
         detail = str(error) or type(error).__name__
         return NatsUnavailable(f"{context}: NATS is unavailable ({detail}); retry later")
+    if isinstance(error, nats.js.errors.APIError) and err_code == _SCHEDULES_DISABLED:
+        return ConfigurationError(
+            f"{context}: the stream does not allow message schedules (err_code {err_code}); "
+            "set spec.delayedDelivery: true on the Topic"
+        )
+    if isinstance(error, nats.js.errors.APIError) and err_code == _SCHEDULE_TARGET_INVALID:
+        return ConfigurationError(
+            f"{context}: the schedule's target subject is not in the stream (err_code {err_code}); "
+            "apply the Topic again so its stream carries the task's subject"
+        )
     if isinstance(error, nats.js.errors.APIError):
         return JetStreamRejected(
             f"{context}: {description or 'rejected'} (code {code}, err_code {err_code})",

@@ -175,3 +175,19 @@ def test_translate_passes_own_errors() -> None:
     original = PayloadError("payload of 'send-email' lacks 'projectId'")
 
     assert translate(original, "publish") is original
+
+
+@pytest.mark.parametrize(
+    ("err_code", "advice"),
+    [(10188, "set spec.delayedDelivery: true on the Topic"), (10190, "apply the Topic again")],
+    ids=["schedules-disabled", "schedule-target-invalid"],
+)
+def test_translate_schedule_rejections(err_code: int, advice: str) -> None:
+    error = JS.BadRequestError(code=400, err_code=err_code, description="message schedules refused")
+
+    translated = translate(error, "schedule send-email")
+
+    assert isinstance(translated, ConfigurationError)
+    assert str(translated).startswith("schedule send-email: ")
+    assert advice in str(translated)
+    assert str(err_code) in str(translated)
