@@ -91,3 +91,5 @@ def main() -> None:
 
 from eventrails._cli_dlq import app as _dlq_app  # noqa: E402 - sub-commands register after the app exists
 app.add_typer(_dlq_app, name="dlq")
+from eventrails._cli_outbox import outbox_app as _outbox_app  # noqa: E402 - sub-commands register after the app exists
+app.add_typer(_outbox_app, name="outbox")
