@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import shutil
+import fcntl
 import signal
 import socket
 import sys
@@ -49,6 +50,7 @@ from eventrails._manifests import ManifestError, parse_resource, read_documents
 from eventrails._natsserver import NatsServer, free_port
 from eventrails._resources import Consumer, EventBus, Resource, Topic
 from eventrails._settings import NatsSettings
+from eventrails._worker_main import EXIT_CONFIGURATION
 from eventrails_operator import _desired, _reconcile
 from eventrails_operator._desired import BusConnection
 from eventrails_operator._jetstream import ReconcileError
@@ -286,6 +288,7 @@ class _WorkerProcess:
         self.health_port = 0
         self.restarts = 0
         self.ready = False
+        self.last_exit_code: int | None = None
         self._stopping = asyncio.Event()
         self._started = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -336,8 +339,10 @@ class _WorkerProcess:
     async def _relay_output(self, stream: asyncio.StreamReader) -> None:
         prefix = f"[{self.label}] ".encode()
         while line := await stream.readline():
-            sys.stderr.buffer.write(prefix + line)
-            sys.stderr.buffer.flush()
+            # Keep reading after the terminal or pipe went away, or the worker blocks on a full pipe.
+            with contextlib.suppress(OSError):
+                sys.stderr.buffer.write(prefix + line)
+                sys.stderr.buffer.flush()
 
     async def _supervise(self) -> None:
         delay = _RESTART_DELAY
@@ -353,6 +358,14 @@ class _WorkerProcess:
                 if self._relay is not None:
                     await self._relay
                 if self._stopping.is_set():
+                    return
+                self.last_exit_code = code
+                if code == EXIT_CONFIGURATION:
+                    logger.error(
+                        "worker %s pid=%s exited with code %s, a configuration error such as a handler that "
+                        "cannot be imported; not restarting it: fix the handler or --python-path and run again%s",
+                        self.label, self.process.pid, code, f", see {self.log_file}" if self.log_file else "",
+                    )
                     return
                 if time.monotonic() - started_at >= _STABLE_RUN:
                     delay = _RESTART_DELAY
@@ -378,7 +391,7 @@ class _WorkerProcess:
             await asyncio.wait_for(self._started.wait(), max(deadline - time.monotonic(), 0.01))
         except TimeoutError:
             return False
-        while time.monotonic() < deadline and self.restarts == 0:
+        while time.monotonic() < deadline and self.restarts == 0 and self.last_exit_code is None:
             process = self.process
             if process is not None and process.returncode is None:
                 url = f"http://127.0.0.1:{self.health_port}/readyz"
@@ -459,6 +472,7 @@ class LocalStack:
         self._server: NatsServer | None = None
         self._server_starting: asyncio.Future[NatsServer] | None = None
         self._temp_dir: Path | None = None
+        self._store_lock: IO[str] | None = None
         self._stopped = False
 
     @property
@@ -527,6 +541,7 @@ class LocalStack:
         if store is None:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="eventrails-local-"))
             store = self._temp_dir / "nats"
+        self._store_lock = _lock_store(store)
         self._server = NatsServer(store_dir=store, port=self._nats_port)
         # Shielded, and awaited again by stop(), so a Ctrl-C during startup cannot leave behind
         # a server that finished starting after stop() was called.
@@ -566,7 +581,19 @@ class LocalStack:
             topic_key = (consumer.metadata.namespace, consumer.spec.topic)
             topic = topics.get(topic_key)
             topic_result = self.topic_results.get(topic_key)
-            if topic is not None and topic_result is not None and not topic_result.ready:
+            invalid = next(
+                (p for p in self.manifests.problems
+                 if p.kind == "Topic" and (p.namespace, p.name) == topic_key),
+                None,
+            )
+            if topic is None and invalid is not None:
+                error = ReconcileError(
+                    "TopicInvalid",
+                    f"spec.topic: Topic {consumer.spec.topic!r} is invalid (see {invalid.source}); fix that Topic first",
+                    field="spec.topic", temporary=True,
+                )
+                result = _reconcile.Result(error=error, status=_reconcile.failed_status(consumer, error))
+            elif topic is not None and topic_result is not None and not topic_result.ready:
                 # The stream may be missing or stale, so nothing is created on it.
                 error = ReconcileError(
                     "TopicNotReady",
@@ -615,7 +642,12 @@ class LocalStack:
             ready = await asyncio.gather(*(worker.wait_ready(session, deadline) for worker in self.workers))
         for worker, is_ready in zip(self.workers, ready, strict=True):
             worker.ready = is_ready
-            if not is_ready:
+            if not is_ready and worker.last_exit_code is not None:
+                logger.warning(
+                    "worker %s exited with code %s before it was ready%s",
+                    worker.label, worker.last_exit_code, f", see {worker.log_file}" if worker.log_file else "",
+                )
+            elif not is_ready:
                 logger.warning(
                     "worker %s was not ready within %.0fs; it keeps running and is restarted if it exits%s",
                     worker.label, self.ready_timeout, f", see {worker.log_file}" if worker.log_file else "",
@@ -645,6 +677,10 @@ class LocalStack:
                 ready_count = sum(1 for worker in workers if worker.ready)
                 pids = ",".join(str(worker.pid) for worker in workers if worker.pid is not None)
                 summary = f"{ready_count}/{len(workers)} ready (pid {pids or 'none'})"
+                exits = sorted({worker.last_exit_code for worker in workers if worker.last_exit_code is not None})
+                if exits and not ready_count:
+                    ready = "False"
+                    message = f"workers exited with code {exits} before they were ready; see the worker log above"
             rows.append(StatusRow("Consumer", namespace, name, ready, target, summary, message))
         for problem in self.manifests.problems:
             rows.append(StatusRow(
@@ -668,21 +704,53 @@ class LocalStack:
         self._stopped = True
         if self.workers:
             logger.info("stopping %d worker(s)", len(self.workers))
-        for worker in self.workers:
-            worker.begin_stop()
-        grace = max((_desired.worker_settings(w.consumer, w.topic, w.bus).drain_timeout for w in self.workers), default=0)
-        await asyncio.gather(*(worker.finish_stop(grace + 5) for worker in self.workers))
-        if self._server_starting is not None:
-            with contextlib.suppress(Exception):
-                await self._server_starting
-        if self._server is not None and self._server.running:
-            logger.info("stopping nats-server pid=%s", self._server.pid)
-            await asyncio.to_thread(self._server.stop)
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        try:
+            for worker in self.workers:
+                worker.begin_stop()
+            grace = max(
+                (_desired.worker_settings(w.consumer, w.topic, w.bus).drain_timeout for w in self.workers), default=0
+            )
+            results = await asyncio.gather(
+                *(worker.finish_stop(grace + 5) for worker in self.workers), return_exceptions=True
+            )
+            for worker, outcome in zip(self.workers, results, strict=True):
+                if isinstance(outcome, BaseException):
+                    logger.error("stopping worker %s failed: %r; killing its process group", worker.label, outcome)
+                    worker.kill()
+        finally:
+            if self._server_starting is not None:
+                with contextlib.suppress(Exception):
+                    await self._server_starting
+            if self._server is not None and self._server.running:
+                logger.info("stopping nats-server pid=%s", self._server.pid)
+                await asyncio.to_thread(self._server.stop)
+            if self._store_lock is not None:
+                self._store_lock.close()
+                self._store_lock = None
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
 
 
 # --- eventrails up ---------------------------------------------------------------------------
+
+# SIGHUP arrives when the terminal closes; it stops the stack like Ctrl-C, so no worker or
+# nats-server is left running without its supervisor.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _lock_store(store: Path) -> IO[str]:
+    """Hold an exclusive lock on the store directory, so two servers never share one store."""
+    store.mkdir(parents=True, exist_ok=True)
+    handle = (store.parent / f"{store.name}.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise LocalModeError(
+            f"the NATS store {store} is in use by another `eventrails up`; stop that one, "
+            "or run from another directory"
+        ) from None
+    return handle
 
 
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -704,7 +772,7 @@ async def _serve(stack: LocalStack) -> int:
             stack.kill_workers()
         stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal)
     try:
         starting = asyncio.create_task(stack.start())
@@ -722,7 +790,11 @@ async def _serve(stack: LocalStack) -> int:
         except LocalModeError as error:
             logger.error("%s", error)
             return 1
-        print(stack.status_table(), flush=True)
+        try:
+            print(stack.status_table(), flush=True)
+        except BrokenPipeError:
+            logger.error("standard output was closed; stopping local mode")
+            return 1
         if not stack.workers and not any(result.ready for result in stack.topic_results.values()):
             logger.error("nothing to run: no Topic or Consumer is ready; fix the manifests above and run again")
             return 1
@@ -732,7 +804,7 @@ async def _serve(stack: LocalStack) -> int:
         return 0
     finally:
         await stack.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in _STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 

@@ -56,9 +56,12 @@ def load_worker(reference: str) -> Worker:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and (module_name == error.name or module_name.startswith(f"{error.name}.")):
+            searched = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+            searched.append(cwd)
             raise ConfigurationError(
-                f"handler {reference!r}: module {module_name!r} not found in {cwd} or the installed packages; "
-                "fix the module path or install the package that provides it"
+                f"handler {reference!r}: module {module_name!r} not found in {', '.join(searched)} or the "
+                "installed packages; fix the module path, install the package that provides it, or with "
+                "`eventrails up` point --python-path at the directory that contains it"
             ) from error
         raise
 

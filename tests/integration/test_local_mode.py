@@ -44,11 +44,16 @@ apiVersion: eventrails.dev/v1alpha1
 kind: Consumer
 metadata: {name: orphan}
 spec: {topic: no-such-topic, handler: "app.jobs:worker"}
+---
+apiVersion: eventrails.dev/v1alpha1
+kind: Consumer
+metadata: {name: mailer}
+spec: {topic: mail, handler: "app.jobs:worker"}
 """
 
 
 def _manifest_dir(tmp_path: Path, *, bad: bool) -> Path:
-    """Copy the example manifests, and optionally three bad ones, into a directory of their own."""
+    """Copy the example manifests, and optionally the bad ones, into a directory of their own."""
     directory = tmp_path / "manifests"
     shutil.copytree(EXAMPLES / "manifests", directory)
     if bad:
@@ -158,6 +163,10 @@ async def test_up_reconciles_valid_and_skips_bad_manifests(stack: LocalStack) ->
     assert "spec.topic" in orphan.message
     assert "'no-such-topic'" in orphan.message
     assert not [worker for worker in stack.workers if worker.consumer.metadata.name == "orphan"]
+    mailer = rows[("Consumer", "mailer")]
+    assert mailer.ready == "False"
+    assert "Topic 'mail' is invalid (see " in mailer.message
+    assert not [worker for worker in stack.workers if worker.consumer.metadata.name == "mailer"]
 
     table = stack.status_table()
     assert table.splitlines()[0] == f"NATS: {stack.nats_url}"
@@ -249,9 +258,10 @@ async def test_given_url_with_broken_handler(
     async with LocalStack([tmp_path / "manifests"], nats_url=nats_server.url, log_dir=tmp_path / "logs") as local:
         assert local.nats_server is None
         rows = {(row.kind, row.name): row for row in local.rows}
-        # The Consumer itself is reconciled; only its worker cannot run.
-        assert rows[("Consumer", "broken")].ready == "True"
+        # The JetStream consumer is reconciled, but the row reports the worker that cannot start.
+        assert rows[("Consumer", "broken")].ready == "False"
         assert rows[("Consumer", "broken")].workers.startswith("0/1 ready")
+        assert "exited with code [2]" in rows[("Consumer", "broken")].message
         nc = await nats.connect(nats_server.url)
         try:
             info = await nc.jsm().consumer_info("default_jobs", "broken")
@@ -260,9 +270,12 @@ async def test_given_url_with_broken_handler(
             await nc.close()
 
     assert nats_server.running
-    restarts = [record.getMessage() for record in caplog.records if "exited unexpectedly" in record.getMessage()]
-    assert restarts
-    assert "default/broken[0]" in restarts[0]
+    # Exit code 2 is a configuration error: reported once, never restarted.
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if "exited unexpectedly" in message]
+    reported = [message for message in messages if "not restarting it" in message]
+    assert len(reported) == 1
+    assert "default/broken[0]" in reported[0]
     log = (tmp_path / "logs" / "default_broken-0.log").read_text()
     assert "no_such_module" in log
 
@@ -278,7 +291,8 @@ async def _read_until(stream: asyncio.StreamReader, pattern: str, timeout: float
                 return
 
 
-async def test_up_command_stops_cleanly_on_sigint(tmp_path: Path, app_db: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+async def test_up_command_stops_cleanly(tmp_path: Path, app_db: Path, signum: signal.Signals) -> None:
     manifests = _manifest_dir(tmp_path, bad=True)
     # The handlers live in examples/app; copying them next to the manifests exercises the
     # PYTHONPATH rule: the manifest directory's parent comes first.
@@ -299,7 +313,17 @@ async def test_up_command_stops_cleanly_on_sigint(tmp_path: Path, app_db: Path) 
         assert re.search(r"Topic\s+default/mail\s+Invalid.*spec\.tasks\[0\].*'Send_Email'", text), text
         assert (tmp_path / ".eventrails" / "nats").is_dir()
 
-        process.send_signal(signal.SIGINT)
+        # A second stack in the same directory must not start a server on the same store.
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "eventrails", "up", "-f", str(manifests), cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(60):
+            second_output = (await second.communicate())[0].decode(errors="replace")
+        assert second.returncode == 1, second_output
+        assert "is in use by another `eventrails up`" in second_output
+
+        process.send_signal(signum)
         async with asyncio.timeout(60):
             rest = await process.stdout.read()
             code = await process.wait()
