@@ -39,3 +39,9 @@ crds: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Throughput of the publisher and the dispatcher against raw nats-py; figures in docs/benchmarks.md.
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/python bench/publisher.py
+	$(BIN)/python bench/dispatcher.py

@@ -37,11 +37,11 @@ from eventrails._settings import NatsSettings
 
 logger = logging.getLogger("eventrails.dlq")
 
-# JetStream error codes of the two "not found" answers.
+# JetStream error codes of the two "not found" errors.
 _STREAM_NOT_FOUND = 10059
 _NO_MESSAGE = 10037
 
-# Where a replayed message came from: "<dead-letter stream>:<seq>".
+# Header with the origin of a replayed message: "<dead-letter stream>:<seq>".
 REPLAYED_FROM_HEADER = "Eventrails-Replayed-From"
 
 # Headers that describe the dead-lettering, not the message; a replay leaves them behind.
@@ -107,7 +107,7 @@ class DeadLetter(BaseModel):
 
 
 class Replay(BaseModel):
-    """What became of one replayed dead letter."""
+    """The result of replaying one dead letter: the new message id and sequence, and whether the entry was deleted."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -4,8 +4,8 @@ The publisher opens a PRODUCER span around each publish and writes the current c
 into the message headers (``traceparent``, ``tracestate``, through OpenTelemetry's global
 propagator, so an application that configured another propagator gets that one). The
 dispatcher reads the headers back and runs the handler inside a CONSUMER span whose
-parent is the publisher's, so a trace continues from the request that published to the
-worker that handled it, and on to whatever that handler publishes.
+parent is the publisher's. So a trace continues from the request that published, to the
+worker that handled the message, and on to whatever that handler publishes.
 
 Without an OpenTelemetry SDK the API's spans record nothing but still carry the parent's
 context, so the ids travel on unchanged. Without opentelemetry-api every function here
@@ -36,7 +36,7 @@ def enabled() -> bool:
 
 
 class SpanHandle:
-    """What the runtime records on a span: the outcome, or the exception that ended the work."""
+    """A handle on the current span for the outcome or the exception that ended the work."""
 
     def __init__(self, span: Any = None) -> None:
         self._span = span

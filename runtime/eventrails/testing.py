@@ -285,7 +285,7 @@ class _Stream:
             consumer.deliveries.pop(seq, None)
 
     def settled(self, seq: int) -> None:
-        """Drop a message every consumer is done with, when the retention policy says so."""
+        """Remove a message that every consumer has settled, if the retention policy requires it."""
         retention = self.config.retention
         if retention == RetentionPolicy.WORK_QUEUE:
             self.remove(seq)
@@ -636,7 +636,7 @@ def _parse_at(pattern: str) -> float:
 
 
 class _MemoryJetStream:
-    """The JetStream calls the runtime makes, answered by an InMemoryBroker."""
+    """The JetStream API calls the runtime makes, implemented on an InMemoryBroker."""
 
     def __init__(self, broker: InMemoryBroker, client: _MemoryConnection) -> None:
         self._broker = broker
