@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -67,18 +66,23 @@ def _prepare_for_system_user(data_dir: Path, bin_dir: Path) -> str:
     return SYSTEM_USER
 
 
-def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+def _wait_until_ready(dsn: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Wait until the server accepts a connection; it listens before it finishes starting up."""
+    import psycopg
+
     deadline = time.monotonic() + timeout
+    last_error = ""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"postgres exited with code {process.returncode} before listening on {host}:{port}:\n{tail}")
+            raise RuntimeError(f"postgres exited with code {process.returncode} while starting:\n{tail}")
         try:
-            with socket.create_connection((host, port), timeout=0.2):
+            with psycopg.connect(dsn, connect_timeout=2):
                 return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"postgres did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
+        except psycopg.OperationalError as error:
+            last_error = str(error).strip()
+            time.sleep(0.1)
+    raise TimeoutError(f"postgres did not accept connections within {timeout:.0f}s ({last_error}); see {log}")
 
 
 @dataclass
@@ -160,7 +164,7 @@ class PostgresServer:
             )
         logger.debug("started postgres pid=%s on %s:%s with data in %s", self._process.pid, self.host, self.port, data_dir)
         try:
-            _wait_for_port(self.host, self.port, self._process, log, timeout)
+            _wait_until_ready(self.dsn(), self._process, log, timeout)
         except BaseException:
             self.kill()
             raise

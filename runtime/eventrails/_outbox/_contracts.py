@@ -47,6 +47,7 @@ def contract_of(topic: Topic) -> Contract:
         names=tuple(spec.names),
         required_keys=tuple(spec.payload.required_keys),
         exempt=frozenset(spec.payload.exempt),
+        schedules=spec.delayed_delivery,
     )
 
 
@@ -120,7 +121,8 @@ class ContractRegistry:
                     or metadata.get(f"{METADATA_PREFIX}namespace") != namespace):
                 continue
             topic = str(metadata.get(f"{METADATA_PREFIX}name"))
-            contracts.append(Contract.from_metadata(topic, str(info.config.name), metadata))
+            schedules = bool(getattr(info.config, "allow_msg_schedules", False))
+            contracts.append(Contract.from_metadata(topic, str(info.config.name), metadata, schedules=schedules))
         logger.info(
             "loaded the contracts of %d topic(s) of namespace %s from JetStream: %s",
             len(contracts), namespace, ", ".join(sorted(c.topic for c in contracts)) or "(none)",

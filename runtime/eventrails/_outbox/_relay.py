@@ -54,6 +54,8 @@ logger = logging.getLogger("eventrails.outbox")
 # Pause of the whole relay after a database error or while NATS is away: first and longest.
 _PAUSE_FIRST = 0.5
 _PAUSE_MAX = 30.0
+# How often a relay without a NATS connection looks whether the client has reconnected.
+_RECONNECT_CHECK = 0.1
 _PUBLISH_DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -205,9 +207,10 @@ class OutboxRelay:
                 # Without NATS a claim would only hold rows another relay might publish.
                 if not self._nc.is_connected:
                     self._set_ready()
-                    logger.warning("outbox relay %s is not connected to NATS; claiming again in %.1fs", self.relay_id, pause)
-                    await self._pause(pause)
-                    pause = min(pause * 2, _PAUSE_MAX)
+                    logger.warning(
+                        "outbox relay %s is not connected to NATS; claiming again once it reconnects", self.relay_id,
+                    )
+                    await self._wait_for_nats()
                     continue
 
                 self._wake.clear()
@@ -255,9 +258,10 @@ class OutboxRelay:
         settings = self.settings
         rows = await self._store.claim(self.relay_id, settings.batch_size, settings.lease)
         self._database_ok = True
-        self._nats_away = False
-        self._set_ready()
         if not rows:
+            if self._nats_away:
+                await self._check_nats()
+            self._set_ready()
             return 0
         logger.debug("outbox relay %s claimed %d row(s)", self.relay_id, len(rows))
 
@@ -265,6 +269,9 @@ class OutboxRelay:
 
         # Only rows with a PubAck are marked; the others get their failure recorded.
         acknowledged = [result for result in results if result.receipt is not None]
+        if acknowledged:
+            self._nats_away = False
+            self._set_ready()
         await self._mark(acknowledged)
         unavailable = [result for result in results if result.error is not None and self._is_outage(result.error)]
         if unavailable:
@@ -339,7 +346,7 @@ class OutboxRelay:
         assert receipt is not None
         if receipt.duplicate:
             self.metrics.duplicates.labels(row.topic).inc()
-            logger.info(
+            logger.debug(
                 "%s was already in stream %s at seq %d (a re-publish); marked published",
                 row.describe(), receipt.stream, receipt.seq,
             )
@@ -399,6 +406,19 @@ class OutboxRelay:
     async def _wait_for_work(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+
+    async def _check_nats(self) -> None:
+        """Clear the outage flag once the server answers a ping again, for the readiness check."""
+        try:
+            await self._nc.flush(timeout=self.settings.publish_timeout)
+        except Exception as error:  # noqa: BLE001 - still away; the flag stays
+            logger.debug("outbox relay %s: NATS still does not answer: %s", self.relay_id, error)
+        else:
+            self._nats_away = False
+
+    async def _wait_for_nats(self) -> None:
+        while not self._nc.is_connected and not self._stopping.is_set():
+            await self._pause(_RECONNECT_CHECK)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

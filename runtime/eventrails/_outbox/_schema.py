@@ -116,9 +116,11 @@ def outbox_ddl(dialect: Dialect = "postgresql", table: str = DEFAULT_TABLE) -> l
 
 
 def apply_outbox_schema(connection: Any, table: str = DEFAULT_TABLE) -> None:
-    """Create the outbox table with an open psycopg (sync) or sqlite3 connection, and commit.
+    """Create the outbox table with a psycopg (sync) or sqlite3 connection.
 
-    On PostgreSQL an advisory lock serialises concurrent runs (several relays starting at once).
+    On psycopg it runs in a transaction of its own, which commits, or in a savepoint when
+    the caller's transaction is open, which then commits or rolls back with it; an advisory
+    lock serialises concurrent runs (several relays starting at once). On sqlite3 it commits.
     """
     if isinstance(connection, sqlite3.Connection):
         # One statement at a time: executescript would commit the caller's open transaction first.
