@@ -7,7 +7,9 @@ Run it with ``make demo`` (or ``.venv/bin/python examples/demo.py``). It
    code, and one worker process per Consumer;
 2. listens to the outcome each worker announces after handling a message;
 3. publishes a handful of tasks and domain events, including one for a deleted customer,
-   a card charge whose gateway times out once, and one poison payload;
+   a card charge whose gateway times out once, and one poison payload, and signs up a
+   customer whose welcome email travels through the transactional outbox (a SQLite row
+   written with the customer, published by the relay that local mode runs);
 4. waits until every expected outcome has arrived (at most ``--timeout`` seconds), prints
    each message's outcome and the counts per outcome, and checks that the poison message
    is in the dead-letter stream.
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 MANIFESTS = HERE / "manifests"
 sys.path.insert(0, str(HERE))
 
-from app import db  # noqa: E402 - the example app lives next to this file
+from app import db, signup  # noqa: E402 - the example app lives next to this file
 
 FINAL_OUTCOMES = ("done", "skip", "dead_letter")
 
@@ -140,7 +142,8 @@ async def run(timeout: float, work_dir: Path) -> int:
     log_dir = work_dir / "logs"
 
     print(f"Starting local mode on {MANIFESTS} ...", flush=True)
-    async with LocalStack([MANIFESTS], store_dir=work_dir / "nats", log_dir=log_dir) as stack:
+    outbox_dsn = f"sqlite:///{os.environ['EXAMPLE_APP_DB']}"
+    async with LocalStack([MANIFESTS], store_dir=work_dir / "nats", log_dir=log_dir, outbox_dsn=outbox_dsn) as stack:
         print(stack.status_table(), flush=True)
         not_ready = [row for row in stack.rows if row.ready != "True" or row.workers.startswith("0/")]
         if not_ready:
@@ -193,6 +196,16 @@ async def run(timeout: float, work_dir: Path) -> int:
             else:
                 print("\nFAILED: the publisher accepted a payload without organizationId", file=sys.stderr)
                 return 1
+
+            # The outbox: the customer and its welcome email's row commit in one transaction,
+            # and the relay publishes the row with its id as the message id.
+            connection = db.connect()
+            try:
+                row_id = signup.sign_up(connection, "cus-4", "alan@example.com")
+            finally:
+                connection.close()
+            print(f"  signed up cus-4: the customer and outbox row {row_id} committed in one transaction")
+            expected.append(Expected("welcome email via the outbox", "jobs", "send-email", row_id, "done"))
 
             # Work the handlers start, with the dedupe keys they derive from their message.
             expected += [

@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from eventrails import apply_outbox_schema
+
 ORGANIZATION = "org-1"
 PROJECT = "proj-1"
 
@@ -80,6 +82,7 @@ def connect(path: Path | None = None) -> sqlite3.Connection:
     connection = sqlite3.connect(path or database_path(), timeout=10, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     connection.executescript(_SCHEMA + _SAMPLE)
+    apply_outbox_schema(connection)  # the outbox table, written by app.signup and read by the relay
     return connection
 
 

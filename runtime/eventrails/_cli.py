@@ -49,13 +49,19 @@ def up(
         typer.Option(help="Directory to put first on the workers' PYTHONPATH; repeatable. Default: each -f "
                      "directory (or a file's directory) and its parent."),
     ] = None,
+    outbox_dsn: Annotated[
+        Optional[str],
+        typer.Option(envvar="EVENTRAILS_OUTBOX_DSN", help="Also relay this outbox database (PostgreSQL URI or "
+                     "sqlite:///path) to the local NATS."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning or error.")] = "info",
 ) -> None:
     """Reconcile Topic and Consumer manifests against a local NATS and run their workers until Ctrl-C."""
     _configure_logging(log_level)
     from eventrails._local import run_up
 
-    raise typer.Exit(run_up(file, nats_url=nats_url, namespace=namespace, python_path=python_path))
+    raise typer.Exit(run_up(file, nats_url=nats_url, namespace=namespace, python_path=python_path,
+                            outbox_dsn=outbox_dsn))
 
 
 @app.command()

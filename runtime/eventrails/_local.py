@@ -12,6 +12,8 @@
 5. Run each Consumer's handler as ``python -m eventrails worker HANDLER`` processes, one per
    replica (at least one), with the environment the worker Deployment would get, plus
    ``EVENTRAILS_PUBLISH_OUTCOMES=true`` and a health server on 127.0.0.1 and a free port.
+6. With an outbox DSN (``--outbox-dsn`` or ``EVENTRAILS_OUTBOX_DSN``), create the outbox table
+   if needed and run the outbox relay in this process, publishing to the local NATS.
 
 Handler modules are found on PYTHONPATH. Unless ``python_path`` is given, each manifest
 directory passed with ``-f`` (or the directory of a manifest file) and its parent are put
@@ -47,6 +49,7 @@ from nats.aio.client import Client
 
 from eventrails._errors import translate
 from eventrails._manifests import ManifestError, parse_resource, read_documents
+from eventrails._outbox._local import LocalRelay, LocalRelayError
 from eventrails._natsserver import NatsServer, free_port
 from eventrails._resources import Consumer, EventBus, Resource, Topic
 from eventrails._settings import NatsSettings
@@ -453,7 +456,7 @@ class LocalStack:
     def __init__(
         self, paths: Sequence[Path], *, nats_url: str | None = None, namespace: str = "default",
         python_path: Sequence[Path] | None = None, store_dir: Path | None = None, nats_port: int = 0,
-        log_dir: Path | None = None, ready_timeout: float = 30.0,
+        log_dir: Path | None = None, ready_timeout: float = 30.0, outbox_dsn: str | None = None,
     ) -> None:
         self.paths = [Path(path) for path in paths]
         self.namespace = namespace
@@ -474,6 +477,8 @@ class LocalStack:
         self._temp_dir: Path | None = None
         self._store_lock: IO[str] | None = None
         self._stopped = False
+        self.outbox_dsn = outbox_dsn
+        self.outbox_relay: LocalRelay | None = None
 
     @property
     def nats_url(self) -> str:
@@ -531,6 +536,12 @@ class LocalStack:
             if result.ready:
                 self._start_workers(key)
         await self._wait_ready()
+        if self.outbox_dsn:
+            self.outbox_relay = LocalRelay(self.outbox_dsn, self.nats_settings())
+            try:
+                await self.outbox_relay.start()
+            except LocalRelayError as error:
+                raise LocalModeError(str(error)) from error
         self.rows = self._status_rows()
 
     async def _start_nats(self) -> None:
@@ -682,6 +693,8 @@ class LocalStack:
                     ready = "False"
                     message = f"workers exited with code {exits} before they were ready; see the worker log above"
             rows.append(StatusRow("Consumer", namespace, name, ready, target, summary, message))
+        if self.outbox_relay is not None:
+            rows.append(StatusRow("Outbox", "", self.outbox_relay.display, "True", "-", "relay", "publishing committed rows"))
         for problem in self.manifests.problems:
             rows.append(StatusRow(
                 problem.kind, problem.namespace, problem.name, "Invalid", "-", "-", f"{problem.source}: {problem.message}",
@@ -718,6 +731,8 @@ class LocalStack:
                     logger.error("stopping worker %s failed: %r; killing its process group", worker.label, outcome)
                     worker.kill()
         finally:
+            if self.outbox_relay is not None:
+                await self.outbox_relay.stop()
             if self._server_starting is not None:
                 with contextlib.suppress(Exception):
                     await self._server_starting
@@ -810,6 +825,7 @@ async def _serve(stack: LocalStack) -> int:
 
 def run_up(
     paths: list[Path], nats_url: str | None, namespace: str, python_path: list[Path] | None = None,
+    outbox_dsn: str | None = None,
 ) -> int:
     """Run ``eventrails up``: reconcile the manifests, run the workers, stop on Ctrl-C or SIGTERM.
 
@@ -825,7 +841,7 @@ def run_up(
             logger.warning("port %d is taken; nats-server gets another free port", DEFAULT_NATS_PORT)
     stack = LocalStack(
         paths, nats_url=nats_url, namespace=namespace, python_path=python_path,
-        store_dir=Path.cwd() / ".eventrails" / "nats", nats_port=port,
+        store_dir=Path.cwd() / ".eventrails" / "nats", nats_port=port, outbox_dsn=outbox_dsn,
     )
     try:
         return asyncio.run(_serve(stack))
