@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 from typing import Any
 
@@ -33,17 +34,37 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     result.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
     result.persistence.finalizer = FINALIZER
-    # The handlers' per-object log lines (INFO and above) become the object's Events.
+    # The handlers' per-object log lines at event_level and above become the object's Events,
+    # posted by a bounded pool so that a burst of a thousand changes does not flood the API.
     result.posting.enabled = settings.post_events
     result.posting.loggers = settings.post_events
-    result.posting.level = logging.INFO
+    result.posting.level = settings.event_level_number
+    result.posting.worker_limit = settings.event_worker_limit
+    # At most worker_limit objects are handled at once; the others wait in their queues.
+    result.queueing.worker_limit = settings.worker_limit
+    result.networking.request_timeout = settings.kube_request_timeout
+    result.networking.connect_timeout = 10
     # Bounded watches, so that a connection silently dropped by a proxy is noticed and renewed.
     result.watching.server_timeout = 300
     result.watching.client_timeout = 330
     result.watching.connect_timeout = 30
+    result.peering.lifetime = settings.peering_lifetime
+    # Keep-alives every lifetime are routine; pauses and resumes are still logged.
+    result.peering.stealth = True
     # CustomResourceDefinitions are installed before the operator starts; no need to watch them.
     result.scanning.disabled = True
     return result
+
+
+def peering_priority(settings: OperatorSettings) -> int:
+    """Return this replica's peering priority: the configured one, else a random one.
+
+    kopf pauses every replica when two of the same priority meet, so replicas of one
+    Deployment (which share their settings) draw distinct priorities; the highest acts.
+    """
+    if settings.peering_priority is not None:
+        return settings.peering_priority
+    return secrets.randbelow(1_000_000) + 1
 
 
 def operator_arguments(settings: OperatorSettings, namespaces: list[str]) -> dict[str, Any]:
@@ -60,6 +81,7 @@ def operator_arguments(settings: OperatorSettings, namespaces: list[str]) -> dic
         arguments["clusterwide"] = True
     if settings.peering_name:
         arguments["peering_name"] = settings.peering_name
+        arguments["priority"] = peering_priority(settings)
     else:
         arguments["standalone"] = True
     return arguments
@@ -73,14 +95,19 @@ def run_operator(namespaces: list[str]) -> int:
         logger.error("invalid EVENTRAILS_OPERATOR_* settings: %s", error)
         return 2
     if settings.metrics_port:
-        prometheus_client.start_http_server(settings.metrics_port)
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    arguments = operator_arguments(settings, namespaces)
     logger.info(
-        "starting the eventrails operator on %s; default NATS %s; resync every %.0fs; %s",
+        "starting the eventrails operator on %s; default NATS %s; resync every %.0fs; %s; "
+        "metrics on %s; up to %s objects at once",
         ", ".join(namespaces) if namespaces else "all namespaces",
         ", ".join(settings.default_nats_servers), settings.resync_interval,
-        f"peering {settings.peering_name!r}" if settings.peering_name else "standalone",
+        f"peering {settings.peering_name!r} with priority {arguments['priority']}" if settings.peering_name
+        else "standalone",
+        f"{settings.metrics_host}:{settings.metrics_port}/metrics" if settings.metrics_port else "no port",
+        settings.worker_limit or "any number of",
     )
-    kopf.run(**operator_arguments(settings, namespaces))
+    kopf.run(**arguments)
     return 0
 
 

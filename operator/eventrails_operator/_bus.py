@@ -37,6 +37,9 @@ logger = logging.getLogger("eventrails.operator.bus")
 DEFAULT_BUS_NAME = "default"
 # BusConnection.name of the servers from the operator's own settings.
 OPERATOR_DEFAULT = ""
+# EventBus annotations for KEDA's scaler, which reads lag from the NATS monitoring endpoint.
+MONITORING_ENDPOINT_ANNOTATION = "eventrails.dev/nats-monitoring-endpoint"
+ACCOUNT_ANNOTATION = "eventrails.dev/nats-account"
 
 
 def describe(bus: BusConnection, namespace: str) -> str:
@@ -150,7 +153,12 @@ class BusPool:
                 field="spec.bus", temporary=True,
             ) from None
         assert isinstance(bus, EventBus)
-        return BusConnection.from_spec(name, bus.spec)
+        annotations = bus.metadata.annotations
+        return BusConnection.from_spec(
+            name, bus.spec,
+            monitoring_endpoint=annotations.get(MONITORING_ENDPOINT_ANNOTATION) or None,
+            account=annotations.get(ACCOUNT_ANNOTATION) or None,
+        )
 
     async def _material(self, namespace: str, bus: BusConnection) -> _Material:
         values: dict[str, str | None] = {}

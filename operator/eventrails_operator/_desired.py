@@ -7,6 +7,7 @@ unit-tested without one. The reconcilers compare these results with live objects
 from __future__ import annotations
 
 import copy
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ from eventrails._settings import WorkerSettings
 METADATA_PREFIX = "eventrails.dev/"
 MANAGED_BY = "eventrails-operator"
 WORKER_PORT = 8080
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+# The account KEDA's nats-jetstream scaler reads when the server runs without accounts.
+NATS_GLOBAL_ACCOUNT = "$G"
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,15 @@ class BusConnection:
     credentials_kind: str | None = None
     tls_secret: str | None = None
     name: str = "default"
+    # Where KEDA reads consumer lag ([https://]host:port of the NATS monitoring endpoint),
+    # and in which NATS account; derived from the servers and NATS_GLOBAL_ACCOUNT when unset.
+    monitoring_endpoint: str | None = None
+    account: str | None = None
 
     @classmethod
-    def from_spec(cls, name: str, spec: EventBusSpec) -> BusConnection:
+    def from_spec(
+        cls, name: str, spec: EventBusSpec, *, monitoring_endpoint: str | None = None, account: str | None = None,
+    ) -> BusConnection:
         return cls(
             servers=tuple(spec.servers),
             subject_prefix=spec.subject_prefix,
@@ -52,7 +62,16 @@ class BusConnection:
             credentials_kind=str(spec.credentials.kind) if spec.credentials else None,
             tls_secret=spec.tls_secret,
             name=name,
+            monitoring_endpoint=monitoring_endpoint,
+            account=account,
         )
+
+    def monitoring_address(self, default_port: int) -> str:
+        """Return the host:port of the NATS monitoring endpoint: the explicit one, else the first server's host."""
+        if self.monitoring_endpoint:
+            return self.monitoring_endpoint
+        host = urllib.parse.urlsplit(self.servers[0]).hostname or "localhost"
+        return f"{host}:{default_port}"
 
 
 @dataclass(frozen=True)
@@ -303,5 +322,46 @@ def worker_deployment(consumer: Consumer, topic: Topic, bus: BusConnection, defa
             "replicas": spec.effective_replicas,
             "selector": {"matchLabels": selector},
             "template": {"metadata": template_metadata, "spec": pod_spec},
+        },
+    }
+
+
+def scaled_object(consumer: Consumer, bus: BusConnection, *, monitoring_port: int = 8222) -> dict[str, Any]:
+    """Return the KEDA ScaledObject that scales a Consumer's workers on its consumer lag.
+
+    KEDA's ``nats-jetstream`` scaler reads the consumer's pending count from the NATS
+    monitoring endpoint and aims for ``lagTarget`` pending messages per pod. Owner
+    references are added by the caller, which knows the live object's uid. Raises
+    ValueError for a Consumer without ``spec.autoscaling``.
+    """
+    autoscaling = consumer.spec.autoscaling
+    if autoscaling is None:
+        raise ValueError(f"Consumer {consumer.metadata.name!r} has no spec.autoscaling: it runs fixed replicas")
+    namespace, name = consumer.metadata.namespace, consumer.metadata.name
+    deployment = _naming.deployment_name(name)
+    # An explicit endpoint may say https://host:port; KEDA takes host:port plus a flag.
+    endpoint = bus.monitoring_address(monitoring_port)
+    use_https = endpoint.startswith("https://")
+    address = endpoint.split("://", 1)[-1]
+    return {
+        "apiVersion": KEDA_API_VERSION,
+        "kind": "ScaledObject",
+        "metadata": {"name": deployment, "namespace": namespace, "labels": worker_labels(consumer)},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment},
+            "minReplicaCount": autoscaling.min_replicas,
+            "maxReplicaCount": autoscaling.max_replicas,
+            "triggers": [{
+                "type": "nats-jetstream",
+                "metadata": {
+                    "natsServerMonitoringEndpoint": address,
+                    "account": bus.account or NATS_GLOBAL_ACCOUNT,
+                    "stream": _naming.stream_name(namespace, consumer.spec.topic),
+                    "consumer": _naming.consumer_name(name),
+                    # KEDA reads trigger metadata as strings.
+                    "lagThreshold": str(autoscaling.lag_target),
+                    "useHttps": "true" if use_https else "false",
+                },
+            }],
         },
     }

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,11 +51,23 @@ TEMPLATE_DIGEST_ANNOTATION = f"{METADATA_PREFIX}template-digest"
 _WORKERS_GONE_POLL = 3.0
 
 RECONCILES = prometheus_client.Counter(
-    "eventrails_operator_reconciles_total", "Reconciles by kind and outcome (ready, retry, failed).",
-    ["kind", "outcome"],
+    "eventrails_operator_reconciles", "Reconciles by kind, trigger (change, resync) and outcome (ready, retry, failed).",
+    ["kind", "trigger", "outcome"],
+)
+RECONCILE_ERRORS = prometheus_client.Counter(
+    "eventrails_operator_reconcile_errors", "Failed reconciles by kind and condition reason.", ["kind", "reason"],
 )
 RECONCILE_SECONDS = prometheus_client.Histogram(
     "eventrails_operator_reconcile_duration_seconds", "Time one reconcile took, by kind.", ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+JETSTREAM_WRITES = prometheus_client.Counter(
+    "eventrails_operator_jetstream_writes",
+    "JetStream objects created, updated or deleted, by kind (stream, consumer) and action.", ["kind", "action"],
+)
+KUBE_WRITES = prometheus_client.Counter(
+    "eventrails_operator_kube_writes",
+    "Worker Deployments and ScaledObjects created, updated or deleted, by kind and action.", ["kind", "action"],
 )
 
 
@@ -66,11 +79,32 @@ class OperatorContext:
     kube: _kube.KubeApi
     buses: BusPool
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    # Whether KEDA's ScaledObject resource is served, and when that was last asked.
+    _keda: tuple[bool, float] | None = None
 
     @classmethod
     def create(cls, settings: OperatorSettings) -> OperatorContext:
-        kube = _kube.KubeApi()
+        kube = _kube.KubeApi(
+            timeout=settings.kube_request_timeout,
+            limiter=_kube.RateLimiter(settings.kube_requests_per_second, settings.kube_burst),
+            connection_limit=settings.kube_connection_limit,
+        )
         return cls(settings=settings, kube=kube, buses=BusPool(settings, kube))
+
+    async def keda_installed(self) -> bool:
+        """Whether KEDA's ScaledObject resource is served, asked at most every ``keda_check_interval``."""
+        if self.settings.keda == "off":
+            return False
+        now = time.monotonic()
+        if self._keda is not None and now - self._keda[1] < self.settings.keda_check_interval:
+            return self._keda[0]
+        installed = await self.kube.serves(_kube.SCALEDOBJECTS)
+        if self._keda is None or self._keda[0] != installed:
+            logger.info("KEDA's ScaledObject resource is %s: Consumers with spec.autoscaling %s",
+                        "served" if installed else "not served",
+                        "get a ScaledObject" if installed else "run their minimum replicas (at least 1)")
+        self._keda = (installed, now)
+        return installed
 
     def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
         """Serialize the change handlers and the resync timer of one object."""
@@ -175,6 +209,12 @@ async def _patch_status(context: OperatorContext, resource: _kube.Resource, body
     return True
 
 
+def _count_writes(changes: list[Change]) -> None:
+    for change in changes:
+        if change.action not in ("unchanged", "absent"):
+            JETSTREAM_WRITES.labels(change.kind, change.action).inc()
+
+
 def _describe_changes(changes: list[Change]) -> str:
     parts = []
     for change in changes:
@@ -191,6 +231,7 @@ async def _settle(
 ) -> None:
     """Run one reconcile, record its status, count it, and turn failures into kopf outcomes."""
     started = time.monotonic()
+    trigger = "resync" if periodic else "change"
     attempt = _Attempt()
     try:
         status = await reconcile(attempt)
@@ -204,13 +245,15 @@ async def _settle(
         try:
             await _patch_status(context, resource, body, status)
         except _kube.KubeError as error:
-            RECONCILES.labels(kind, "retry").inc()
+            RECONCILES.labels(kind, trigger, "retry").inc()
+            RECONCILE_ERRORS.labels(kind, "KubernetesApiError").inc()
             raise kopf.TemporaryError(f"could not record the status: {error}", delay=context.retry_delay(retry)) from error
-        RECONCILES.labels(kind, "ready").inc()
+        RECONCILES.labels(kind, trigger, "ready").inc()
         return
 
     RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
-    RECONCILES.labels(kind, "retry" if failure.temporary else "failed").inc()
+    RECONCILES.labels(kind, trigger, "retry" if failure.temporary else "failed").inc()
+    RECONCILE_ERRORS.labels(kind, failure.reason).inc()
     try:
         status_changed = await _patch_status(context, resource, body, _failure_status(body, attempt.resource, failure))
     except _kube.KubeError as error:
@@ -303,6 +346,7 @@ async def _reconcile_topic(
     topic = attempt.resource = _parse(body, Topic)
     bus, jsm = await _topic_jetstream(context, topic)
     result = await _reconcile.reconcile_topic(jsm, topic, bus)
+    _count_writes(result.writes)
     if result.writes:
         logger.info("Topic reconciled on %s: %s", describe(bus, topic.metadata.namespace), _describe_changes(result.writes))
     else:
@@ -335,6 +379,7 @@ async def topic_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger
     try:
         _, jsm = await _topic_jetstream(context, topic)
         changes = await _reconcile.delete_topic(jsm, topic)
+        _count_writes(changes)
     except (ReconcileError, _kube.KubeError) as error:
         delay = context.retry_delay(retry)
         raise kopf.TemporaryError(f"could not delete stream {stream}: {error}; retrying in {delay:.0f}s", delay=delay) from error
@@ -378,18 +423,31 @@ def _owned_by(deployment: dict[str, Any], uid: str | None) -> bool:
     return any(ref.get("uid") == uid for ref in deployment.get("metadata", {}).get("ownerReferences", []))
 
 
+def _digest(desired: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Workers:
+    """What the Consumer's worker Deployment (and its scaler) look like after a reconcile."""
+
+    replicas: int | None
+    scaling: str
+
+
 async def _ensure_deployment(
     context: OperatorContext, body: kopf.Body, consumer: Consumer, topic: Topic, bus: BusConnection,
-    logger: logging.Logger,
-) -> str:
-    """Create or patch the worker Deployment; return what was done (created, updated, unchanged)."""
+    logger: logging.Logger, *, manage_replicas: bool,
+) -> int | None:
+    """Create or patch the worker Deployment; return its replica count.
+
+    With ``manage_replicas`` false a scaler (KEDA) owns the count after creation, so a
+    difference there is left alone.
+    """
     desired = _desired.worker_deployment(consumer, topic, bus, context.settings.worker_image)
     kopf.append_owner_reference(desired, owner=body, controller=True, block_owner_deletion=True)
-    digest = hashlib.sha256(json.dumps(desired, sort_keys=True).encode()).hexdigest()[:16]
-    desired["metadata"]["annotations"] = {TEMPLATE_DIGEST_ANNOTATION: digest}
+    desired["metadata"]["annotations"] = {TEMPLATE_DIGEST_ANNOTATION: _digest(desired)}
     namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
-    # With autoscaling, the scaler owns the replica count after creation.
-    manage_replicas = consumer.spec.autoscaling is None
 
     live = await context.kube.get(_kube.DEPLOYMENTS, namespace, name)
     if live is None:
@@ -398,9 +456,10 @@ async def _ensure_deployment(
         except _kube.KubeInvalid as error:
             raise ReconcileError("DeploymentRejected", f"spec.template: worker Deployment {name} was rejected: {error}",
                                  field="spec.template", temporary=False) from error
+        KUBE_WRITES.labels("Deployment", "created").inc()
         logger.info("created worker Deployment %s running `eventrails worker %s` with %d replicas",
                     name, consumer.spec.handler, desired["spec"]["replicas"])
-        return "created"
+        return int(desired["spec"]["replicas"])
 
     if not _owned_by(live, consumer.metadata.uid):
         raise ReconcileError(
@@ -409,21 +468,107 @@ async def _ensure_deployment(
             "delete or rename it so the operator can create the workers",
             temporary=True,
         )
+    live_replicas = live.get("spec", {}).get("replicas")
     in_sync = (
-        live.get("metadata", {}).get("annotations", {}).get(TEMPLATE_DIGEST_ANNOTATION) == digest
+        live.get("metadata", {}).get("annotations", {}).get(TEMPLATE_DIGEST_ANNOTATION)
+        == desired["metadata"]["annotations"][TEMPLATE_DIGEST_ANNOTATION]
         and _contains(live.get("metadata", {}).get("labels", {}), desired["metadata"]["labels"])
         and _contains(live.get("spec", {}).get("template"), desired["spec"]["template"])
-        and (not manage_replicas or live.get("spec", {}).get("replicas") == desired["spec"]["replicas"])
+        and (not manage_replicas or live_replicas == desired["spec"]["replicas"])
     )
     if in_sync:
-        return "unchanged"
+        return int(live_replicas) if live_replicas is not None else None
     try:
         await context.kube.json_patch(_kube.DEPLOYMENTS, namespace, name, _deployment_patch(live, desired, manage_replicas))
     except _kube.KubeInvalid as error:
         raise ReconcileError("DeploymentRejected", f"spec.template: worker Deployment {name} was rejected: {error}",
                              field="spec.template", temporary=False) from error
+    KUBE_WRITES.labels("Deployment", "updated").inc()
     logger.info("updated worker Deployment %s to match the Consumer", name)
-    return "updated"
+    return int(desired["spec"]["replicas"]) if manage_replicas else live_replicas
+
+
+async def _ensure_scaled_object(
+    context: OperatorContext, body: kopf.Body, consumer: Consumer, bus: BusConnection, logger: logging.Logger,
+) -> None:
+    """Create or patch the KEDA ScaledObject of a Consumer with ``spec.autoscaling``."""
+    desired = _desired.scaled_object(consumer, bus, monitoring_port=context.settings.nats_monitoring_port)
+    kopf.append_owner_reference(desired, owner=body, controller=True, block_owner_deletion=True)
+    desired["metadata"]["annotations"] = {TEMPLATE_DIGEST_ANNOTATION: _digest(desired)}
+    namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+
+    live = await context.kube.get(_kube.SCALEDOBJECTS, namespace, name)
+    if live is None:
+        try:
+            await context.kube.create(_kube.SCALEDOBJECTS, namespace, desired)
+        except _kube.KubeInvalid as error:
+            raise ReconcileError("ScaledObjectRejected", f"spec.autoscaling: ScaledObject {name} was rejected: {error}",
+                                 field="spec.autoscaling", temporary=False) from error
+        KUBE_WRITES.labels("ScaledObject", "created").inc()
+        trigger = desired["spec"]["triggers"][0]["metadata"]
+        logger.info("created KEDA ScaledObject %s: %d to %d workers, one more per %s pending messages of consumer %s",
+                    name, desired["spec"]["minReplicaCount"], desired["spec"]["maxReplicaCount"],
+                    trigger["lagThreshold"], trigger["consumer"])
+        return
+    if not _owned_by(live, consumer.metadata.uid):
+        raise ReconcileError(
+            "ScaledObjectConflict",
+            f"ScaledObject {namespace}/{name} exists but does not belong to this Consumer; "
+            "delete it so the operator can scale the workers",
+            temporary=True,
+        )
+    digest = desired["metadata"]["annotations"][TEMPLATE_DIGEST_ANNOTATION]
+    if (live.get("metadata", {}).get("annotations", {}).get(TEMPLATE_DIGEST_ANNOTATION) == digest
+            and _contains(live.get("spec"), desired["spec"])):
+        return
+    live_annotations = live.get("metadata", {}).get("annotations", {})
+    operations = [
+        {"op": "add", "path": "/metadata/annotations", "value": {**live_annotations, **desired["metadata"]["annotations"]}},
+        {"op": "add", "path": "/spec", "value": desired["spec"]},
+    ]
+    try:
+        await context.kube.json_patch(_kube.SCALEDOBJECTS, namespace, name, operations)
+    except _kube.KubeInvalid as error:
+        raise ReconcileError("ScaledObjectRejected", f"spec.autoscaling: ScaledObject {name} was rejected: {error}",
+                             field="spec.autoscaling", temporary=False) from error
+    KUBE_WRITES.labels("ScaledObject", "updated").inc()
+    logger.info("updated KEDA ScaledObject %s to match spec.autoscaling", name)
+
+
+async def _remove_scaled_object(context: OperatorContext, namespace: str, name: str, uid: str | None,
+                                logger: logging.Logger) -> None:
+    """Delete the ScaledObject this Consumer owns, if there is one."""
+    scaled = _naming.deployment_name(name)
+    live = await context.kube.get(_kube.SCALEDOBJECTS, namespace, scaled)
+    if live is None or not _owned_by(live, uid) or live.get("metadata", {}).get("deletionTimestamp"):
+        return
+    if await context.kube.delete(_kube.SCALEDOBJECTS, namespace, scaled, propagation="Background"):
+        KUBE_WRITES.labels("ScaledObject", "deleted").inc()
+        logger.info("deleted KEDA ScaledObject %s; the operator sets the worker replicas again", scaled)
+
+
+async def _ensure_workers(
+    context: OperatorContext, body: kopf.Body, consumer: Consumer, topic: Topic, bus: BusConnection,
+    logger: logging.Logger,
+) -> _Workers:
+    """Bring the worker Deployment and its KEDA ScaledObject (when asked for and possible) in line."""
+    autoscaling = consumer.spec.autoscaling
+    keda = await context.keda_installed()
+    scaled = autoscaling is not None and keda
+    replicas = await _ensure_deployment(context, body, consumer, topic, bus, logger, manage_replicas=not scaled)
+    deployment = _naming.deployment_name(consumer.metadata.name)
+    if scaled:
+        assert autoscaling is not None
+        await _ensure_scaled_object(context, body, consumer, bus, logger)
+        return _Workers(replicas, f"KEDA ScaledObject {deployment} scales the workers from {autoscaling.min_replicas} "
+                                  f"to {autoscaling.max_replicas} at {autoscaling.lag_target} pending messages per pod")
+    if keda:
+        await _remove_scaled_object(context, consumer.metadata.namespace, consumer.metadata.name,
+                                    consumer.metadata.uid, logger)
+    if autoscaling is not None:
+        return _Workers(replicas, f"KEDA is not installed, so {replicas} fixed worker replica(s) run "
+                                  "(spec.autoscaling.minReplicas, at least 1)")
+    return _Workers(replicas, f"{replicas} worker replica(s)")
 
 
 async def _read_topic(context: OperatorContext, namespace: str, name: str) -> Topic | None:
@@ -454,14 +599,23 @@ async def _reconcile_consumer(
         )
     bus, jsm = await _topic_jetstream(context, topic)
     result = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
+    _count_writes(result.writes)
     if result.writes:
         logger.info("Consumer reconciled on %s: %s", describe(bus, namespace), _describe_changes(result.writes))
     if result.error is not None:
         raise result.error
 
-    # Workers start only after their durable consumer exists.
-    await _ensure_deployment(context, body, consumer, topic, bus, logger)
-    return {**result.status, "deployment": _naming.deployment_name(consumer.metadata.name)}
+    # Workers (and their scaler, which reads the consumer's lag) start only after their
+    # durable consumer exists.
+    workers = await _ensure_workers(context, body, consumer, topic, bus, logger)
+    status = {**result.status, "deployment": _naming.deployment_name(consumer.metadata.name)}
+    if workers.replicas is not None:
+        status["replicas"] = workers.replicas
+    status["conditions"] = [
+        {**condition, "message": f"{condition['message']}; {workers.scaling}"} if condition["type"] == "Ready" else condition
+        for condition in status["conditions"]
+    ]
+    return status
 
 
 async def consumer_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
@@ -478,10 +632,14 @@ async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Log
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     deployment = _naming.deployment_name(name)
     try:
+        # The scaler goes first, so that it does not act on workers being removed.
+        if await context.keda_installed():
+            await _remove_scaled_object(context, namespace, name, body["metadata"].get("uid"), logger)
         live = await context.kube.get(_kube.DEPLOYMENTS, namespace, deployment)
         if live is not None and _owned_by(live, body["metadata"].get("uid")):
             if not live.get("metadata", {}).get("deletionTimestamp"):
                 await context.kube.delete(_kube.DEPLOYMENTS, namespace, deployment, propagation="Foreground")
+                KUBE_WRITES.labels("Deployment", "deleted").inc()
                 logger.info("deleted worker Deployment %s; the JetStream consumer goes once its pods are gone", deployment)
             if await context.kube.get(_kube.DEPLOYMENTS, namespace, deployment) is not None:
                 raise kopf.TemporaryError(f"waiting for the pods of worker Deployment {deployment} to terminate",
@@ -504,6 +662,7 @@ async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Log
         bus = await context.buses.resolve(namespace, topic.spec.bus if topic is not None else None)
         jsm = await context.buses.jetstream(namespace, bus)
         change = await _reconcile.delete_consumer(jsm, consumer)
+        _count_writes([change])
     except (ReconcileError, _kube.KubeError) as error:
         delay = context.retry_delay(retry)
         raise kopf.TemporaryError(f"could not delete consumer {name} on stream {stream}: {error}; "
@@ -511,25 +670,36 @@ async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Log
     logger.info("Consumer deleted: %s on stream %s", _describe_changes([change]), stream)
 
 
-class _QuietResync(logging.Filter):
-    """Keep kopf's routine "Timer '..._resync' succeeded." lines out of Kubernetes Events.
+_ROUTINE = re.compile(r"^(Handler|Timer) '[^']+' succeeded\.$|^\w+ is processed: \d+ succeeded; 0 failed\.$")
+_RESYNC_SUCCEEDED = re.compile(r"^Timer '\w+_resync' succeeded\.$")
 
-    They would post an Event per object at every resync interval; the resync's own log
-    lines still become Events when it repairs something or finds a new problem.
+
+class _QuietRoutine(logging.Filter):
+    """Keep kopf's routine success lines out of Kubernetes Events, and resync successes out of the log.
+
+    "Handler 'topic_changed' succeeded." and "Creation is processed: 1 succeeded; 0 failed."
+    would post two Events per change next to the handler's own line that says what
+    changed; "Timer 'topic_resync' succeeded." would post one per object at every resync
+    interval, and a thousand log lines a minute. The resync's own lines still become
+    Events when it repairs something or finds a new problem, and failures stay as they are.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
         message = record.getMessage()
-        if record.levelno == logging.INFO and message.startswith("Timer '") and message.endswith("_resync' succeeded."):
+        if _RESYNC_SUCCEEDED.match(message) and not logger.isEnabledFor(logging.DEBUG):
+            return False
+        if _ROUTINE.match(message):
             record.k8s_skip = True
         return True
 
 
-def quiet_resync_events() -> None:
+def quiet_routine_events() -> None:
     """Install the filter on kopf's per-object logger, once per process."""
     objects_logger = logging.getLogger("kopf.objects")
-    if not any(isinstance(item, _QuietResync) for item in objects_logger.filters):
-        objects_logger.addFilter(_QuietResync())
+    if not any(isinstance(item, _QuietRoutine) for item in objects_logger.filters):
+        objects_logger.addFilter(_QuietRoutine())
 
 
 # --- Registration ------------------------------------------------------------------------------
@@ -537,7 +707,7 @@ def quiet_resync_events() -> None:
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """Register every handler in a registry of its own, with the resync interval from settings."""
-    quiet_resync_events()
+    quiet_routine_events()
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.cleanup(registry=registry)(cleanup)

@@ -120,6 +120,14 @@ def stream_differences(live: StreamConfig, desired: StreamConfig) -> list[str]:
     return [name for name in _STREAM_FIELDS if live_values[name] != desired_values[name]]
 
 
+# A work-queue stream delivers each subject to one consumer only.
+_FILTER_NOT_UNIQUE = 10100
+
+
+def _filters(config: ConsumerConfig) -> list[str]:
+    return sorted([*(config.filter_subjects or []), *([config.filter_subject] if config.filter_subject else [])])
+
+
 def consumer_differences(live: ConsumerConfig, desired: ConsumerConfig) -> list[str]:
     """Return the managed consumer fields whose live value differs from the desired one."""
     live_values, desired_values = _normalized_consumer(live), _normalized_consumer(desired)
@@ -136,6 +144,37 @@ def _reconcile_error(error: NatsError, action: str, name: str, field: str | None
             field=field, err_code=error.err_code, temporary=False,
         )
     return ReconcileError("JetStreamError", f"{action} {name}: {error}", field=field, temporary=True)
+
+
+# Words of the server's rejection that point at one stream field, for naming the spec field.
+_REJECTION_HINTS = {
+    "storage": "storage", "retention": "retention", "replica": "num_replicas", "subject": "subjects",
+    "duplicate": "duplicate_window", "max age": "max_age", "schedule": "allow_msg_schedules",
+}
+
+
+def _rejected_update(
+    error: JetStreamRejected, stream: str, differences: list[str], live: dict[str, Any], desired: dict[str, Any],
+) -> ReconcileError:
+    """Explain a stream update the server refused: which spec field, from what to what, and its err_code."""
+    # The translated error starts with what was being done; keep only the server's words.
+    detail = (error.description or "").removeprefix(f"update stream {stream}: ")
+    description = detail.lower()
+    named = [field for hint, field in _REJECTION_HINTS.items() if hint in description and field in differences]
+    fields = named[:1] or differences
+    spec_fields = ", ".join(dict.fromkeys(_STREAM_FIELDS[field] for field in fields))
+    changes = "; ".join(f"{_STREAM_FIELDS[field]} from {live[field]} to {desired[field]}" for field in fields)
+    immutable = "can not change" in description or "cannot change" in description
+    advice = (
+        "create a new Topic, or delete this one with deletionPolicy Delete and apply it again"
+        if immutable else "change the spec back, or make the NATS system able to apply it"
+    )
+    return ReconcileError(
+        "ImmutableField" if immutable else "JetStreamRejected",
+        f"JetStream rejected changing {changes} on stream {stream}: {detail} "
+        f"(err_code {error.err_code}); the stream is unchanged; {advice}",
+        field=spec_fields, err_code=error.err_code, temporary=False,
+    )
 
 
 async def _stream_info(jsm: JetStreamManager, name: str, subjects_filter: str | None = None) -> StreamInfo | None:
@@ -174,22 +213,11 @@ async def ensure_stream(jsm: JetStreamManager, desired: StreamConfig) -> tuple[C
     if not differences:
         return Change("stream", desired.name, "unchanged"), live
 
-    # Checks the server would not make, or would make with a less useful message.
+    # The server judges what it cannot change (storage type, retention to or from
+    # workqueue, replicas beyond the cluster's size) and rejects the update whole, so the
+    # condition carries its err_code. Dropping subjects that still hold messages is
+    # refused here, because the server would accept it and strand those messages.
     live_values, desired_values = _normalized_stream(live.config), _normalized_stream(desired)
-    if "storage" in differences:
-        raise ReconcileError(
-            "ImmutableField",
-            f"spec.storage cannot change from {live_values['storage']} to {desired_values['storage']} on stream "
-            f"{desired.name}: create a new Topic, or delete this one with deletionPolicy Delete first",
-            field="spec.storage",
-        )
-    if "retention" in differences and "workqueue" in (live_values["retention"], desired_values["retention"]):
-        raise ReconcileError(
-            "ImmutableField",
-            f"spec.retention cannot change from {live_values['retention']} to {desired_values['retention']} on "
-            f"stream {desired.name}: JetStream does not convert to or from workqueue retention",
-            field="spec.retention",
-        )
     if "subjects" in differences:
         removed = sorted(set(live_values["subjects"]) - set(desired_values["subjects"]))
         with_data = await _subjects_with_messages(jsm, desired.name, removed)
@@ -209,8 +237,10 @@ async def ensure_stream(jsm: JetStreamManager, desired: StreamConfig) -> tuple[C
     try:
         info = await jsm.update_stream(update)
     except Exception as error:  # noqa: BLE001 - translated below
-        field = _STREAM_FIELDS.get(differences[0])
-        raise _reconcile_error(translate(error, f"update stream {desired.name}"), "update stream", desired.name, field) from error
+        translated = translate(error, f"update stream {desired.name}")
+        if isinstance(translated, JetStreamRejected):
+            raise _rejected_update(translated, desired.name, differences, live_values, desired_values) from error
+        raise _reconcile_error(translated, "update stream", desired.name, _STREAM_FIELDS.get(differences[0])) from error
     logger.info("updated stream %s fields=%s", desired.name, ",".join(differences))
     return Change("stream", desired.name, "updated", tuple(differences)), info
 
@@ -241,7 +271,16 @@ async def ensure_consumer(jsm: JetStreamManager, stream: str, desired: ConsumerC
     except Exception as error:  # noqa: BLE001 - translated below
         field = _CONSUMER_FIELDS.get(differences[0]) if differences else None
         action = "update consumer" if live is not None else "create consumer"
-        raise _reconcile_error(translate(error, f"{action} {stream}/{name}"), action, f"{stream}/{name}", field) from error
+        translated = translate(error, f"{action} {stream}/{name}")
+        if isinstance(translated, JetStreamRejected) and translated.err_code == _FILTER_NOT_UNIQUE:
+            raise ReconcileError(
+                "OverlappingConsumers",
+                f"{action} {stream}/{name} was rejected by JetStream: another consumer on this work-queue stream "
+                f"already takes some of its subjects {_filters(desired)} (err_code {translated.err_code}); on a "
+                "work-queue Topic each name goes to one Consumer: split them with spec.names",
+                field="spec.names", err_code=translated.err_code, temporary=False,
+            ) from error
+        raise _reconcile_error(translated, action, f"{stream}/{name}", field) from error
     if live is None:
         logger.info("created consumer %s on stream %s", name, stream)
         return Change("consumer", name, "created"), info

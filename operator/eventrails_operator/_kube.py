@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,7 @@ CONSUMERS = Resource("eventrails.dev", "v1alpha1", "consumers")
 EVENTBUSES = Resource("eventrails.dev", "v1alpha1", "eventbuses")
 DEPLOYMENTS = Resource("apps", "v1", "deployments")
 SECRETS = Resource("", "v1", "secrets")
+SCALEDOBJECTS = Resource("keda.sh", "v1alpha1", "scaledobjects")
 
 
 def _translate(status: int, payload: Any, action: str) -> KubeError:
@@ -112,17 +114,51 @@ def _translate(status: int, payload: Any, action: str) -> KubeError:
     return KubeError(message, status=status, reason=reason)
 
 
+class RateLimiter:
+    """A token bucket: ``rate`` requests a second on average, up to ``burst`` at once.
+
+    Callers wait in arrival order, so a thousand handlers starting together are spread
+    over time instead of hitting the API server at once.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError(f"rate must be positive and burst at least 1, got rate={rate} burst={burst}")
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+                self._updated = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
 class KubeApi:
     """A small asynchronous client of the Kubernetes API for the operator's handlers.
 
     The connection comes from kopf's login (``use``); until then, requests fail with a
     temporary ``KubeError``. The HTTP session is created in the running event loop on first
-    use and replaced when the credentials change.
+    use and replaced when the credentials change. ``limiter`` paces every request and
+    ``connection_limit`` caps the open connections.
     """
 
-    def __init__(self, connection: kopf.ConnectionInfo | None = None, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, connection: kopf.ConnectionInfo | None = None, *, timeout: float = 30.0,
+        limiter: RateLimiter | None = None, connection_limit: int = 16,
+    ) -> None:
         self._connection = connection
         self._timeout = timeout
+        self._limiter = limiter
+        self._connection_limit = connection_limit
         self._session: aiohttp.ClientSession | None = None
         self._lock = asyncio.Lock()
 
@@ -156,7 +192,7 @@ class KubeApi:
                 self._session = aiohttp.ClientSession(
                     base_url=connection.server.rstrip("/") + "/",
                     headers={"Accept": "application/json", **connection.as_http_headers()},
-                    connector=aiohttp.TCPConnector(ssl=ssl_context) if ssl_context else None,
+                    connector=aiohttp.TCPConnector(ssl=ssl_context or True, limit=self._connection_limit),
                     timeout=aiohttp.ClientTimeout(total=self._timeout),
                 )
             return self._session
@@ -166,6 +202,8 @@ class KubeApi:
         params: dict[str, str] | None = None,
     ) -> Any:
         session = await self._get_session()
+        if self._limiter is not None:
+            await self._limiter.acquire()
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else None
         try:
@@ -219,3 +257,13 @@ class KubeApi:
         except KubeNotFound:
             return False
         return True
+
+    async def serves(self, resource: Resource) -> bool:
+        """Whether the API server serves ``resource`` now (its CRD is installed and established)."""
+        root = f"/apis/{resource.group}/{resource.version}" if resource.group else f"/api/{resource.version}"
+        try:
+            listing = await self._request("GET", root, f"discover {resource.api_version}")
+        except KubeNotFound:
+            return False
+        names = {item.get("name") for item in (listing or {}).get("resources", []) if isinstance(item, dict)}
+        return resource.plural in names

@@ -160,8 +160,10 @@ async def test_storage_change_is_immutable_and_leaves_the_stream(
     ready = result.status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "ImmutableField")
     assert "spec.storage" in ready["message"] and "memory" in ready["message"]
+    # The server judges the change, so the condition carries its error code.
+    assert result.error.err_code == 10052 and "err_code 10052" in ready["message"]
     assert enum_value((await jsm.stream_info("shop_orders")).config.storage) == "file"
-    assert await settle(nc, writes) == []
+    assert await settle(nc, writes) == ["$JS.API.STREAM.UPDATE.shop_orders"]
 
 
 async def test_retention_from_workqueue_to_limits_is_rejected(
@@ -175,8 +177,9 @@ async def test_retention_from_workqueue_to_limits_is_rejected(
     assert result.error is not None
     assert (result.error.reason, result.error.field) == ("ImmutableField", "spec.retention")
     assert "workqueue" in result.error.message and "limits" in result.error.message
+    assert result.error.err_code == 10052
     assert enum_value((await jsm.stream_info("shop_orders")).config.retention) == "workqueue"
-    assert await settle(nc, writes) == []
+    assert await settle(nc, writes) == ["$JS.API.STREAM.UPDATE.shop_orders"]
 
 
 async def test_removing_a_task_with_stored_messages_is_refused(

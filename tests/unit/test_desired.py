@@ -257,3 +257,65 @@ def test_bus_connection_from_spec() -> None:
         servers=("tls://nats:4222",), subject_prefix="acme.prod", jetstream_domain="hub",
         credentials_secret="s", credentials_kind="creds", tls_secret="t", name="main",
     )
+
+
+# --- KEDA ScaledObject ---------------------------------------------------------------------------
+
+
+def test_scaled_object_scales_the_workers_on_consumer_lag() -> None:
+    scaled = _desired.scaled_object(
+        consumer({"autoscaling": {"minReplicas": 0, "maxReplicas": 8, "lagTarget": 250}}), BUS,
+    )
+
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["kind"] == "ScaledObject"
+    assert scaled["metadata"]["name"] == "mailer-worker"
+    assert scaled["metadata"]["namespace"] == "shop"
+    assert scaled["metadata"]["labels"]["eventrails.dev/consumer"] == "mailer"
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mailer-worker"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 8)
+    assert spec["triggers"] == [{
+        "type": "nats-jetstream",
+        "metadata": {
+            # The first server's host, on the NATS monitoring port.
+            "natsServerMonitoringEndpoint": "nats-a:8222",
+            "account": "$G",
+            "stream": "shop_orders",
+            "consumer": "mailer",
+            "lagThreshold": "250",
+            "useHttps": "false",
+        },
+    }]
+
+
+def test_scaled_object_uses_the_buses_monitoring_endpoint_and_account() -> None:
+    bus = BusConnection.from_spec(
+        "main", EventBusSpec.model_validate({"servers": ["nats://nats:4222"]}),
+        monitoring_endpoint="https://nats-monitor.nats:8443", account="ABCD1234",
+    )
+    scaled = _desired.scaled_object(consumer({"autoscaling": {}}), bus, monitoring_port=9999)
+
+    metadata = scaled["spec"]["triggers"][0]["metadata"]
+    assert metadata["natsServerMonitoringEndpoint"] == "nats-monitor.nats:8443"
+    assert metadata["useHttps"] == "true"
+    assert metadata["account"] == "ABCD1234"
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 10)
+    assert metadata["lagThreshold"] == "100"
+
+
+def test_scaled_object_port_comes_from_the_operator_settings() -> None:
+    scaled = _desired.scaled_object(consumer({"autoscaling": {"maxReplicas": 3}}), BUS, monitoring_port=9222)
+    assert scaled["spec"]["triggers"][0]["metadata"]["natsServerMonitoringEndpoint"] == "nats-a:9222"
+
+
+def test_scaled_object_needs_autoscaling() -> None:
+    with pytest.raises(ValueError, match="has no spec.autoscaling: it runs fixed replicas"):
+        _desired.scaled_object(consumer({"replicas": 2}), BUS)
+
+
+def test_autoscaled_deployment_starts_at_the_minimum_but_never_at_zero() -> None:
+    scaled_to_zero = consumer({"autoscaling": {"minReplicas": 0, "maxReplicas": 4}})
+    at_least_two = consumer({"autoscaling": {"minReplicas": 2, "maxReplicas": 4}})
+    assert _desired.worker_deployment(scaled_to_zero, topic({"tasks": ["a"]}), BUS, "img")["spec"]["replicas"] == 1
+    assert _desired.worker_deployment(at_least_two, topic({"tasks": ["a"]}), BUS, "img")["spec"]["replicas"] == 2
