@@ -68,3 +68,26 @@ def test_crd_yaml_parses_to_rendered_dict() -> None:
     for info in KINDS.values():
         text = render_files()[f"{info.plural}.eventrails.dev.yaml"]
         assert yaml.safe_load(text) == render_crd(info)
+
+
+CHART_CRDS = ROOT / "charts" / "eventrails" / "crds"
+PEERING_CRDS = ROOT / "operator" / "eventrails_operator" / "peering.yaml"
+# The chart installs kopf's peering CRDs beside the eventrails ones, as this file.
+CHART_PEERING_FILE = "kopf-peering.yaml"
+
+
+@pytest.mark.parametrize("file_name", sorted(render_files()))
+def test_chart_crds_are_copies_of_crds_dir(file_name: str) -> None:
+    copy = CHART_CRDS / file_name
+    assert copy.exists(), f"{copy} is missing: run `make crds`"
+    assert copy.read_text() == (ROOT / "crds" / file_name).read_text(), f"{copy} differs from crds/: run `make crds`"
+
+
+def test_chart_ships_the_operator_peering_crds() -> None:
+    copy = CHART_CRDS / CHART_PEERING_FILE
+    assert copy.read_text() == PEERING_CRDS.read_text(), f"{copy} differs from {PEERING_CRDS}: run `make crds`"
+
+
+def test_chart_crds_dir_has_nothing_else() -> None:
+    names = {path.name for path in CHART_CRDS.iterdir()}
+    assert names == set(render_files()) | {CHART_PEERING_FILE}
