@@ -129,7 +129,10 @@ async def connect(settings: NatsSettings, name: str, deadline: float | None = 30
         if cause is not None and _is_settings_error(cause):
             raise translate(cause, f"connect to NATS at {servers}") from cause
         detail = f"{type(cause).__name__}: {cause}" if cause else "no answer"
-        raise NatsUnavailable(f"could not connect to NATS at {servers} within {deadline:.0f}s ({detail})") from cause
+        raise NatsUnavailable(
+            f"could not connect to NATS at {servers} within {deadline:.0f}s ({detail}); check "
+            "EVENTRAILS_NATS_SERVERS, or start a local server with `eventrails up`"
+        ) from cause
     except BaseException as error:
         await _close_quietly(client)
         if isinstance(error, Exception):

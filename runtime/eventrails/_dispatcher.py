@@ -335,8 +335,9 @@ class Dispatcher:
                     return
                 try:
                     messages = fetch.result()
-                except nats.errors.TimeoutError:
-                    # No message within the fetch timeout (this includes FetchTimeoutError).
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    # No message within the fetch timeout. nats-py raises its own TimeoutError
+                    # (and FetchTimeoutError) here, and on some paths the builtin one.
                     failures, pause = 0, _FETCH_ERROR_PAUSE[0]
                     continue
                 except Exception as error:  # noqa: BLE001 - logged, counted and retried below
