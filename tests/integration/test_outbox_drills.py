@@ -114,7 +114,7 @@ def cleanup(processes: list[RelayProcess]) -> Iterator[None]:
             process.kill()
 
 
-async def test_relays_killed_with_sigkill_lose_and_repeat_nothing(
+async def test_killed_relays_lose_nothing(
     rails: Rails, outbox: Outbox, tmp_path: Path,
 ) -> None:
     topic = topic_resource()
@@ -193,7 +193,7 @@ def refuse_marking(outbox: Outbox) -> None:
     )
 
 
-async def test_marking_that_keeps_failing_parks_the_row_and_publishes_once(
+async def test_mark_failures_park_the_row(
     rails: Rails, outbox: Outbox, caplog: pytest.LogCaptureFixture,
 ) -> None:
     await rails.apply_topic(topic_resource())
@@ -226,13 +226,14 @@ async def test_marking_that_keeps_failing_parks_the_row_and_publishes_once(
     assert parked_after >= 0.7, f"parked after {parked_after:.2f}s: the attempts did not back off"
     assert store.claims < 5 * (parked_after + 0.5) / 0.2 + 10, f"{store.claims} claims: the relay spun"
     parked_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"parked outbox row {charge}")]
-    assert len(parked_lines) == 1 and "after 3 attempt(s)" in parked_lines[0]
+    assert len(parked_lines) == 1
+    assert "after 3 attempt(s)" in parked_lines[0]
 
 
 # --- nats-server restarted -----------------------------------------------------------------------
 
 
-async def test_a_nats_restart_during_publishing_loses_and_repeats_nothing(
+async def test_nats_restart_loses_nothing(
     rails: Rails, outbox: Outbox, caplog: pytest.LogCaptureFixture,
 ) -> None:
     await rails.apply_topic(topic_resource())
@@ -261,7 +262,7 @@ async def test_a_nats_restart_during_publishing_loses_and_repeats_nothing(
     assert all(row.attempts == 0 and not row.parked for row in outbox.rows()), "an outage never counts against rows"
 
 
-async def test_publishes_without_pubacks_are_released_and_retried_with_backoff(
+async def test_missing_pubacks_back_off(
     rails: Rails, outbox: Outbox, caplog: pytest.LogCaptureFixture,
 ) -> None:
     await rails.apply_topic(topic_resource())
@@ -272,7 +273,7 @@ async def test_publishes_without_pubacks_are_released_and_retried_with_backoff(
         first = outbox.write([("send-email", email(n), None) for n in range(5)])
         await wait_until(lambda: outbox.published_ids() == set(first), "the first rows to be published")
 
-        # A frozen server keeps the connection open but answers nothing: no PubAck comes.
+        # A frozen server keeps the connection open but sends nothing back, so no PubAck arrives.
         os.kill(pid, signal.SIGSTOP)
         try:
             frozen = outbox.write([("send-email", email(10 + n), None) for n in range(5)])
@@ -287,7 +288,9 @@ async def test_publishes_without_pubacks_are_released_and_retried_with_backoff(
         float(r.getMessage().rsplit("claiming again in ", 1)[1].rstrip("s"))
         for r in caplog.records if "did not acknowledge" in r.getMessage()
     ]
-    assert len(pauses) >= 2 and pauses == sorted(pauses) and pauses[-1] > pauses[0], f"no growing backoff: {pauses}"
+    assert len(pauses) >= 2, f"too few pauses: {pauses}"
+    assert pauses == sorted(pauses), f"no growing backoff: {pauses}"
+    assert pauses[-1] > pauses[0], f"no growing backoff: {pauses}"
     assert relay.metrics.failures.labels("orders", "unavailable")._value.get() >= 5
     assert all(row.attempts == 0 and not row.parked for row in outbox.rows()), "an outage never counts against rows"
     stored = await stream_msg_ids(rails, "shop_orders")

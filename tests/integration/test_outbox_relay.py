@@ -215,7 +215,7 @@ async def stream_msg_ids(rails: Rails, stream: str) -> list[str]:
 # --- publishing ------------------------------------------------------------------------------------
 
 
-async def test_relay_publishes_marks_and_the_consumer_sees_the_row_id(rails: Rails, outbox: Outbox) -> None:
+async def test_relay_row_id_is_msg_id(rails: Rails, outbox: Outbox) -> None:
     topic = topic_resource()
     await rails.apply_topic(topic)
     await rails.apply_topic(events_topic())
@@ -240,7 +240,7 @@ async def test_relay_publishes_marks_and_the_consumer_sees_the_row_id(rails: Rai
     assert relay.metrics.pending._value.get() == 0
 
 
-async def test_a_late_commit_of_a_lower_row_is_not_skipped(rails: Rails, pg_outbox: Outbox) -> None:
+async def test_relay_late_commit_not_skipped(rails: Rails, pg_outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     # The first transaction takes seq 1 and commits only after a later one committed seq 2.
     slow = psycopg.connect(pg_outbox.dsn)
@@ -262,7 +262,7 @@ async def test_a_late_commit_of_a_lower_row_is_not_skipped(rails: Rails, pg_outb
     assert await stream_msg_ids(rails, "shop_orders") == [early_id, late_id]
 
 
-async def test_listen_notify_wakes_the_relay(rails: Rails, pg_outbox: Outbox) -> None:
+async def test_relay_wakes_on_notify(rails: Rails, pg_outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     async with relaying(rails, pg_outbox, poll_interval=60.0) as relay:
         await wait_until(lambda: relay.ready, "the relay to finish its first cycle")
@@ -272,7 +272,7 @@ async def test_listen_notify_wakes_the_relay(rails: Rails, pg_outbox: Outbox) ->
         await wait_until(lambda: pg_outbox.published_ids() == {row_id}, "the notified relay to publish the row", 10.0)
 
 
-async def test_the_writers_trace_continues_through_the_relay(rails: Rails, outbox: Outbox) -> None:
+async def test_relay_continues_writer_trace(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     trace_id, span_id = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
     caller = NonRecordingSpan(SpanContext(trace_id, span_id, is_remote=False, trace_flags=TraceFlags(1)))
@@ -291,7 +291,7 @@ async def test_the_writers_trace_continues_through_the_relay(rails: Rails, outbo
 # --- ordering and leases ---------------------------------------------------------------------------
 
 
-async def test_one_row_per_aggregate_is_in_flight(outbox: Outbox) -> None:
+async def test_claim_one_row_per_aggregate(outbox: Outbox) -> None:
     a1, b1, a2, free, b2 = outbox.write([
         ("send-email", email(1), "a"), ("send-email", email(2), "b"), ("send-email", email(3), "a"),
         ("send-email", email(4), None), ("send-email", email(5), "b"),
@@ -313,7 +313,7 @@ async def test_one_row_per_aggregate_is_in_flight(outbox: Outbox) -> None:
     assert b2 not in outbox.published_ids()
 
 
-async def test_aggregates_publish_in_order_with_two_relays(rails: Rails, outbox: Outbox) -> None:
+async def test_aggregate_order_with_two_relays(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     rows = [("send-email", email(index), f"agg-{index % 3}") for index in range(30)]
     rows += [("send-email", email(100 + index), None) for index in range(10)]
@@ -330,7 +330,7 @@ async def test_aggregates_publish_in_order_with_two_relays(rails: Rails, outbox:
         assert sorted(aggregate, key=position.__getitem__) == aggregate, f"{key} was published out of order"
 
 
-async def test_a_parked_row_holds_back_its_aggregate_until_unparked(rails: Rails, tmp_path: Path,
+async def test_parked_row_blocks_its_aggregate(rails: Rails, tmp_path: Path,
                                                                      request: pytest.FixtureRequest) -> None:
     # The application's manifests know a task the live Topic does not declare yet.
     live = topic_resource()
@@ -348,14 +348,19 @@ async def test_a_parked_row_holds_back_its_aggregate_until_unparked(rails: Rails
         assert relay.metrics.parked._value.get() == 1
         assert relay.metrics.parked_total.labels("orders")._value.get() == 1
     rows = {row.id: row for row in outbox.rows()}
-    assert rows[sms].parked and not rows[sms].published and rows[sms].attempts == 1
+    assert rows[sms].parked
+    assert not rows[sms].published
+    assert rows[sms].attempts == 1
     assert "'send-sms' is not declared by topic 'orders'" in (rows[sms].last_error or "")
-    assert not rows[after].published and rows[other].published
+    assert not rows[after].published
+    assert rows[other].published
 
     runner = CliRunner()
     result = await asyncio.to_thread(runner.invoke, app, ["outbox", "status", "--dsn", outbox.dsn])
     assert result.exit_code == 0, result.output
-    assert "pending 1, " in result.output and "parked 1" in result.output and sms in result.output
+    assert "pending 1, " in result.output
+    assert "parked 1" in result.output
+    assert sms in result.output
 
     await rails.apply_topic(planned)
     result = await asyncio.to_thread(runner.invoke, app, ["outbox", "unpark", "--dsn", outbox.dsn, "--id", sms])
@@ -368,7 +373,7 @@ async def test_a_parked_row_holds_back_its_aggregate_until_unparked(rails: Rails
     assert (await stream_msg_ids(rails, "shop_orders"))[-2:] == [sms, after]
 
 
-async def test_an_expired_lease_lets_another_relay_take_over(rails: Rails, outbox: Outbox) -> None:
+async def test_expired_lease_lets_relay_take_over(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     ids = outbox.write([("send-email", email(n), None) for n in range(3)])
     dead = outbox.store()
@@ -387,7 +392,7 @@ async def test_an_expired_lease_lets_another_relay_take_over(rails: Rails, outbo
     assert sorted(await stream_msg_ids(rails, "shop_orders")) == sorted(ids)
 
 
-async def test_published_rows_are_purged_after_the_retention(rails: Rails, outbox: Outbox) -> None:
+async def test_purge_after_retention(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     outbox.write([("send-email", email(n), None) for n in range(3)])
     async with relaying(rails, outbox, retention=0.5, purge_interval=0.2) as relay:
@@ -396,12 +401,15 @@ async def test_published_rows_are_purged_after_the_retention(rails: Rails, outbo
     assert (await rails.js.stream_info("shop_orders")).state.messages == 3
 
 
-async def test_unpark_refuses_bad_arguments(outbox: Outbox) -> None:
+async def test_cli_rejects_bad_arguments(outbox: Outbox) -> None:
     runner = CliRunner()
     result = runner.invoke(app, ["outbox", "unpark", "--dsn", outbox.dsn])
-    assert result.exit_code == 2 and "pass one or more --id ROW_ID, or --all" in result.output
+    assert result.exit_code == 2
+    assert "pass one or more --id ROW_ID, or --all" in result.output
     result = runner.invoke(app, ["outbox", "unpark", "--dsn", outbox.dsn, "--id", "42"])
-    assert result.exit_code == 2 and "'42' is not a row id" in result.output
+    assert result.exit_code == 2
+    assert "'42' is not a row id" in result.output
     result = runner.invoke(app, ["outbox", "migrate", "--dsn", "mysql://db/shop"])
-    assert result.exit_code == 2 and "neither PostgreSQL nor SQLite" in result.output
+    assert result.exit_code == 2
+    assert "neither PostgreSQL nor SQLite" in result.output
 

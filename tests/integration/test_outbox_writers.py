@@ -282,7 +282,7 @@ def enqueue(payload: dict[str, Any], **options: Any) -> Act:
 # --- every driver ----------------------------------------------------------------------------------
 
 
-async def test_row_commits_with_the_business_write(database: Database) -> None:
+async def test_writer_commit(database: Database) -> None:
     payload = {**TENANCY, "emailId": 1}
     message = await database.transact("ord-1", enqueue(payload, aggregate_key="ord-1"), True)
 
@@ -294,20 +294,20 @@ async def test_row_commits_with_the_business_write(database: Database) -> None:
     assert (row["attempts"], row["published_at"]) == (0, None)
 
 
-async def test_rollback_leaves_no_row(database: Database) -> None:
+async def test_writer_rollback(database: Database) -> None:
     await database.transact("ord-1", enqueue({**TENANCY, "emailId": 1}), False)
     assert database.orders() == []
     assert database.outbox_rows() == []
 
 
-async def test_bad_payload_fails_the_callers_transaction(database: Database) -> None:
+async def test_writer_bad_payload(database: Database) -> None:
     with pytest.raises(PayloadError, match="lacks required key\\(s\\) 'organizationId'"):
         await database.transact("ord-1", enqueue({"projectId": "prj_1", "emailId": 1}), True)
     assert database.orders() == [], "the business write rolled back with the refused row"
     assert database.outbox_rows() == []
 
 
-async def test_events_and_several_rows_in_one_transaction(database: Database) -> None:
+async def test_writer_several_rows(database: Database) -> None:
     async def act(writer: Any) -> OutboxMessage:
         await _call(writer.enqueue("orders", "refresh-cache", {"cacheKey": "orders"}))
         return await _call(writer.publish_event("OrderPlaced", {**TENANCY, "orderId": "ord-1"}, aggregate_key="ord-1"))
@@ -321,7 +321,7 @@ async def test_events_and_several_rows_in_one_transaction(database: Database) ->
 # --- misuse ----------------------------------------------------------------------------------------
 
 
-async def test_writers_refuse_to_commit_on_their_own(pg_dsn: str, tmp_path: Path) -> None:
+async def test_writer_requires_a_transaction(pg_dsn: str, tmp_path: Path) -> None:
     _prepare_postgres(pg_dsn)
     payload = {**TENANCY, "emailId": 1}
     with psycopg.connect(pg_dsn, autocommit=True) as connection:
@@ -354,7 +354,7 @@ async def test_writers_refuse_to_commit_on_their_own(pg_dsn: str, tmp_path: Path
         assert check_lite.execute("SELECT count(*) FROM eventrails_outbox").fetchone() == (1,)
 
 
-async def test_a_missing_table_says_how_to_create_it(pg_dsn: str, tmp_path: Path) -> None:
+async def test_missing_table_error(pg_dsn: str, tmp_path: Path) -> None:
     payload = {**TENANCY, "emailId": 1}
     with psycopg.connect(pg_dsn) as connection:
         with pytest.raises(OutboxError, match="eventrails outbox migrate"):
@@ -379,7 +379,7 @@ async def test_a_missing_table_says_how_to_create_it(pg_dsn: str, tmp_path: Path
 # --- PostgreSQL specifics --------------------------------------------------------------------------
 
 
-async def test_one_notification_per_transaction(pg_dsn: str) -> None:
+async def test_notify_once_per_transaction(pg_dsn: str) -> None:
     _prepare_postgres(pg_dsn)
     async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as listener:
         await listener.execute(b"LISTEN eventrails_outbox")
@@ -395,7 +395,7 @@ async def test_one_notification_per_transaction(pg_dsn: str) -> None:
     assert received == ["eventrails_outbox"], "five rows in one committed transaction wake a relay once"
 
 
-async def test_migrations_are_idempotent_and_can_join_a_transaction(pg_dsn: str, tmp_path: Path) -> None:
+async def test_migrate_twice_and_in_a_transaction(pg_dsn: str, tmp_path: Path) -> None:
     migrate_outbox(pg_dsn)
     migrate_outbox(pg_dsn)
     with psycopg.connect(pg_dsn) as connection:
@@ -413,7 +413,7 @@ async def test_migrations_are_idempotent_and_can_join_a_transaction(pg_dsn: str,
         assert lite.execute("SELECT count(*) FROM eventrails_outbox").fetchone() == (0,)
 
 
-async def test_given_msg_ids_are_unique(pg_dsn: str) -> None:
+async def test_given_msg_id_is_unique(pg_dsn: str) -> None:
     _prepare_postgres(pg_dsn)
     row_id = uuid.uuid4()
     with psycopg.connect(pg_dsn) as connection:

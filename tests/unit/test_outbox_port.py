@@ -220,7 +220,7 @@ def test_display_hides_passwords() -> None:
     assert parse_dsn("host=db password=s3cret dbname=shop").display == "host=db password=*** dbname=shop"
 
 
-def test_ddl_has_no_bind_markers_and_names_the_table() -> None:
+def test_ddl_without_bind_markers() -> None:
     for dialect in ("postgresql", "sqlite"):
         statements = outbox_ddl(dialect, "app_outbox")  # type: ignore[arg-type]
         assert statements[0].startswith("CREATE TABLE IF NOT EXISTS app_outbox")
@@ -246,7 +246,7 @@ def test_sqlite_ddl_runs_twice() -> None:
     ]
 
 
-def test_sqlite_times_sort_as_text_and_match_the_column_default() -> None:
+def test_sqlite_time_format() -> None:
     start = datetime(2025, 1, 31, 12, 0, 0, 999999, tzinfo=timezone.utc)
     times = [start + timedelta(milliseconds=step) for step in (0, 1, 1000, 86_400_000)]
     texts = [sqlite_time(moment) for moment in times]
@@ -254,7 +254,9 @@ def test_sqlite_times_sort_as_text_and_match_the_column_default() -> None:
     assert texts == sorted(texts)
     assert parse_sqlite_time(texts[0]) == start.replace(microsecond=999000)
     default = sqlite3.connect(":memory:").execute("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')").fetchone()[0]
-    assert len(default) == len(texts[0]) and default[10] == "T" and default.endswith("Z")
+    assert len(default) == len(texts[0])
+    assert default[10] == "T"
+    assert default.endswith("Z")
 
 
 # --- settings --------------------------------------------------------------------------------------
@@ -286,7 +288,7 @@ def _missing_table_errors() -> list[BaseException]:
 
 
 @pytest.mark.parametrize("error", _missing_table_errors(), ids=lambda e: type(e).__module__ + "." + type(e).__name__)
-def test_a_missing_table_becomes_an_outbox_error(error: BaseException) -> None:
+def test_missing_table_translated(error: BaseException) -> None:
     assert is_missing_table(error)
     translated = translate_write_error(error, "eventrails_outbox")
     assert isinstance(translated, OutboxError)

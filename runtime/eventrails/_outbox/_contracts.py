@@ -104,7 +104,7 @@ class ContractRegistry:
 
         With ``topics`` only those are read (and each must exist); without, every stream
         that a Topic of ``namespace`` created. Raises JetStreamNotFound for a missing topic
-        and NatsUnavailable when NATS does not answer.
+        and NatsUnavailable when NATS does not respond.
         """
         jsm = nc.jsm(domain=jetstream_domain)
         if topics is not None:

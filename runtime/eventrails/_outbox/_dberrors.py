@@ -1,8 +1,8 @@
 """The one place that reads database driver errors for the outbox (psycopg, asyncpg, sqlite3, SQLAlchemy).
 
 Writers leave the caller's database errors alone, because they belong to the caller's
-transaction; only a missing outbox table is turned into an OutboxError that says how to
-create it. The relay uses ``describe`` for its logs and ``last_error`` column.
+transaction. Only a missing outbox table is turned into an OutboxError that explains how
+to create it. The relay uses ``describe`` for its logs and ``last_error`` column.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _driver_error(error: BaseException) -> BaseException:
 
 
 def is_missing_table(error: BaseException) -> bool:
-    """Tell whether ``error`` says the table does not exist, for any of the supported drivers."""
+    """Tell whether ``error`` reports a missing table, for any of the supported drivers."""
     inner = _driver_error(error)
     if getattr(inner, "sqlstate", None) == _UNDEFINED_TABLE:
         return True

@@ -1,4 +1,4 @@
-"""Where the outbox lives: a PostgreSQL URI or connection string, or ``sqlite:///path``."""
+"""Outbox locations: a PostgreSQL URI or connection string, or ``sqlite:///path``."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ payload must be a JSON object with the required (tenancy) keys. A bad row raises
 PayloadError before anything is inserted, so the caller's transaction fails and can roll
 back; nothing reaches the relay.
 
-The row id is a UUID and becomes the message's ``Nats-Msg-Id``, so a re-publish after a
-relay crash is dropped by JetStream and the consumer sees the row id as ``ctx.msg_id``.
+The row id is a UUID and becomes the message's ``Nats-Msg-Id``, so JetStream drops a
+re-publish after a relay crash, and the consumer gets the row id as ``ctx.msg_id``.
 """
 
 from __future__ import annotations

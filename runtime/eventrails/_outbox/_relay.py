@@ -3,7 +3,7 @@
 One cycle claims a batch of rows under a lease, publishes them concurrently with the row
 id as ``Nats-Msg-Id``, and marks those JetStream acknowledged as published. Nothing is
 marked without a PubAck. A relay that crashes after the PubAck and before the mark leaves
-the row claimed; once the lease runs out a relay publishes it again, JetStream drops the
+the row claimed. Once the lease runs out, a relay publishes it again, JetStream drops the
 copy as a duplicate (within the topic's duplicate window), and the row is marked.
 
 What happens to a row that fails:
@@ -78,11 +78,11 @@ class OutboxRelaySettings(BaseSettings):
     batch_size: int = Field(default=100, ge=1, le=10000, description="Rows claimed per cycle.")
     concurrency: int = Field(default=64, ge=1, le=1024, description="Publishes in flight at once.")
     lease: float = Field(default=30.0, gt=0, description="How long a claim lasts; a dead relay's rows wait this long.")
-    poll_interval: float = Field(default=1.0, gt=0, description="Longest wait between claims when no notification comes.")
+    poll_interval: float = Field(default=1.0, gt=0, description="Maximum wait between two claims when no notification arrives.")
     publish_timeout: float = Field(default=5.0, gt=0, description="Deadline of one publish, retries included.")
     max_attempts: int = Field(default=10, ge=1, description="Failed publishes of a row before it is parked.")
     backoff: float = Field(default=1.0, gt=0, description="Delay after a row's first failure; doubles each time.")
-    backoff_max: float = Field(default=300.0, gt=0, description="Longest delay between two attempts of a row.")
+    backoff_max: float = Field(default=300.0, gt=0, description="Maximum delay between two attempts of a row.")
     retention: float = Field(default=7 * 86400.0, ge=0, description="How long published rows are kept.")
     purge_interval: float = Field(default=300.0, gt=0, description="Time between two purges of published rows.")
     stats_interval: float = Field(default=5.0, gt=0, description="Time between two refreshes of the row gauges.")
@@ -408,11 +408,11 @@ class OutboxRelay:
             await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
 
     async def _check_nats(self) -> None:
-        """Clear the outage flag once the server answers a ping again, for the readiness check."""
+        """Clear the outage flag once the server responds to a ping again, for the readiness check."""
         try:
             await self._nc.flush(timeout=self.settings.publish_timeout)
         except Exception as error:  # noqa: BLE001 - still away; the flag stays
-            logger.debug("outbox relay %s: NATS still does not answer: %s", self.relay_id, error)
+            logger.debug("outbox relay %s: NATS still does not respond: %s; pausing again", self.relay_id, error)
         else:
             self._nats_away = False
 

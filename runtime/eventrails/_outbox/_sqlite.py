@@ -44,8 +44,8 @@ def sqlite_params(message: OutboxMessage) -> tuple[Any, ...]:
 
 
 def _check_transaction(isolation_level: str | None, in_transaction: bool) -> None:
-    # With isolation_level None the module commits each statement unless the caller said BEGIN;
-    # otherwise it opens a transaction before the INSERT by itself.
+    # With isolation_level None the module commits each statement unless the caller ran BEGIN.
+    # Otherwise it opens a transaction before the INSERT by itself.
     if isolation_level is None and not in_transaction:
         raise OutboxError(
             "the sqlite connection is in autocommit mode (isolation_level=None) with no transaction open, so "

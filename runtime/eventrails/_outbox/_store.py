@@ -3,7 +3,7 @@
 Claims are leases: a claimed row carries ``claimed_by`` and ``claimed_until``, and no relay
 claims a row whose lease is still running. A relay that dies leaves its rows claimed until
 the lease runs out; then any relay takes them. The claim never uses an "id greater than
-the last one seen" cursor: every cycle asks for the oldest pending rows, so a row that
+the last one seen" cursor: every cycle selects the oldest pending rows, so a row that
 commits after rows with a higher ``seq`` is still found.
 
 Rows with an ``aggregate_key`` are claimed only when no earlier row of the same key is
@@ -88,7 +88,7 @@ class OutboxStats:
 
 
 class RelayStore(Protocol):
-    """What the relay needs from the database holding the outbox table."""
+    """The relay's operations on the database that contains the outbox table."""
 
     display: str
 
