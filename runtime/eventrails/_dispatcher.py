@@ -99,6 +99,10 @@ class _Verdict:
     duration: float = 0.0
 
 
+class HandlerTimeout(Exception):
+    """A handler ran longer than the timeout it was registered with; retried like any failure."""
+
+
 class _Heartbeat:
     """A timer that runs ``beat`` every ``interval`` seconds until cancelled.
 
@@ -291,6 +295,16 @@ class Dispatcher:
                 f"{self._consumer} receives from topic {self._topic!r}; register them with {register}(name) "
                 f"or narrow spec.names of Consumer {self._consumer!r}"
             )
+        too_long = [
+            f"{name} ({handler.timeout:g}s)" for name in names
+            if (handler := self._worker.handler(name)) is not None and handler.timeout is not None
+            and handler.timeout >= self._settings.ack_wait
+        ]
+        if too_long:
+            raise ConfigurationError(
+                f"handler timeouts {too_long} are not below ackWait ({self._settings.ack_wait:g}s) of consumer "
+                f"{self._consumer}: lower the timeouts or raise spec.ackWait of Consumer {self._consumer!r}"
+            )
         unused = sorted(set(self._worker.names) - set(names))
         if unused:
             logger.info(
@@ -475,10 +489,18 @@ class Dispatcher:
         headers = msg.headers or {}
         with _tracing.handling(headers, ids.subject, ids.name, ids.msg_id, ids.delivery) as span:
             try:
+                deadline = asyncio.timeout(handler.timeout)
                 try:
-                    outcome = resolve(await handler.func(argument, context))
+                    async with deadline:
+                        outcome = resolve(await handler.func(argument, context))
                 except Outcome as raised:
                     outcome = raised
+                except TimeoutError as error:
+                    # Only the registered timeout becomes HandlerTimeout; a TimeoutError the
+                    # handler raised itself stays what it is.
+                    if not deadline.expired():
+                        raise
+                    raise HandlerTimeout(f"handler ran longer than its {handler.timeout:g}s timeout") from error
             except Exception as error:  # noqa: BLE001 - every handler failure becomes an outcome
                 span.failed(error)
                 return self._failed(ids, error)

@@ -89,6 +89,7 @@ class Handler:
     kind: Literal["task", "event"]
     func: HandlerFunc
     model: type[BaseModel] | None
+    timeout: float | None = None
 
     @property
     def qualified_name(self) -> str:
@@ -129,19 +130,31 @@ class Worker:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
 
-    def task(self, name: str) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Register the decorated coroutine function as the handler of task ``name`` (lower-kebab-case)."""
+    def task(self, name: str, *, timeout: float | None = None) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register the decorated coroutine function as the handler of task ``name`` (lower-kebab-case).
+
+        ``timeout`` (seconds) cancels a run that takes longer and retries it like a failure;
+        it must be below the Consumer's ackWait, which the worker checks at start.
+        """
         if not isinstance(name, str) or not re.fullmatch(TASK_NAME_PATTERN, name):
             raise ConfigurationError(f"task name {name!r} is invalid: use lower-kebab-case, such as 'send-email'")
-        return self._register(name, "task")
+        return self._register(name, "task", timeout)
 
-    def event(self, name: str) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Register the decorated coroutine function as the handler of event ``name`` (PascalCase)."""
+    def event(self, name: str, *, timeout: float | None = None) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register the decorated coroutine function as the handler of event ``name`` (PascalCase).
+
+        ``timeout`` works as for ``task``.
+        """
         if not isinstance(name, str) or not re.fullmatch(EVENT_NAME_PATTERN, name):
             raise ConfigurationError(f"event name {name!r} is invalid: use PascalCase, such as 'InvoicePaid'")
-        return self._register(name, "event")
+        return self._register(name, "event", timeout)
 
-    def _register(self, name: str, kind: Literal["task", "event"]) -> Callable[[HandlerFunc], HandlerFunc]:
+    def _register(
+        self, name: str, kind: Literal["task", "event"], timeout: float | None,
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout of {kind} {name!r} is {timeout!r}: use a positive number of seconds")
+
         def decorate(func: HandlerFunc) -> HandlerFunc:
             if not inspect.iscoroutinefunction(func):
                 raise ConfigurationError(
@@ -152,7 +165,9 @@ class Worker:
                 raise ConfigurationError(
                     f"{kind} {name!r} already has handler {existing.qualified_name}; register one handler per name"
                 )
-            self._handlers[name] = Handler(name=name, kind=kind, func=func, model=_payload_model(func))
+            self._handlers[name] = Handler(
+                name=name, kind=kind, func=func, model=_payload_model(func), timeout=timeout
+            )
             return func
 
         return decorate

@@ -1,5 +1,5 @@
 """The dispatcher against a real nats-server: outcomes, retries with backoff, dead letters, poison
-input, heartbeats, draining, a missing consumer and a NATS restart."""
+input, heartbeats, handler timeouts, draining, a missing consumer and a NATS restart."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 from nats.js.api import RawStreamMsg
 
 from eventrails import ConfigurationError, Context, DeadLetter, Retry, Skip, Worker
+from eventrails._connect import connect
+from eventrails._dispatcher import Dispatcher
 from tests.integration.test_runtime import (
     WAIT,
     Rails,
@@ -454,3 +456,51 @@ async def test_concurrency_limit(rails: Rails) -> None:
 
     assert sorted(handled) == list(range(6))
     assert max_running == 2
+
+
+async def test_handler_timeout_retries_then_succeeds(rails: Rails) -> None:
+    settings = await setup(rails)  # ackWait 10s, backoff 500ms then 1s
+    deliveries: list[int] = []
+
+    async def handle(payload: SendEmail, ctx: Context) -> None:
+        deliveries.append(ctx.delivery)
+        if ctx.delivery == 1:
+            await asyncio.sleep(30)
+
+    worker = Worker()
+    worker.task("send-email", timeout=0.5)(handle)
+    for name in ("charge-card", "refresh-cache"):
+        worker.task(name)(handle)
+    async with running(worker, settings):
+        await rails.publisher().enqueue("orders", "send-email", email())
+        announced = await rails.outcomes.until("done")
+
+    assert [item["outcome"] for item in announced] == ["retry", "done"]
+    assert "0.5s timeout" in announced[0]["reason"]
+    assert deliveries == [1, 2]
+
+
+async def test_handler_timeout_must_be_below_ack_wait(rails: Rails) -> None:
+    settings = await setup(rails)  # ackWait 10s
+
+    async def handle(payload: SendEmail, ctx: Context) -> None:
+        return None
+
+    worker = Worker()
+    worker.task("send-email", timeout=10)(handle)
+    for name in ("charge-card", "refresh-cache"):
+        worker.task(name)(handle)
+    nc = await connect(settings, name="test-worker", deadline=10)
+    try:
+        dispatcher = Dispatcher(worker, settings, nc, fetch_timeout=0.5)
+        with pytest.raises(ConfigurationError) as caught:
+            await asyncio.wait_for(dispatcher.run(), 20)
+    finally:
+        await nc.close()
+    assert "send-email (10s)" in str(caught.value)
+    assert "below ackWait (10s)" in str(caught.value)
+
+
+def test_handler_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigurationError, match="timeout of task 'send-email' is 0"):
+        Worker().task("send-email", timeout=0)
