@@ -102,6 +102,7 @@ def test_bad_rows_raise_payload_error(
     ("headers", "aggregate_key", "expected"),
     [
         ({"Nats-Msg-Id": "x"}, None, "set by eventrails or NATS"),
+        ({"X-Request-Id": "r1"}, None, "only trace context headers are forwarded \\(baggage, traceparent, tracestate\\)"),
         ({"eventrails-name": "x"}, None, "set by eventrails or NATS"),
         ({"bad header": "x"}, None, "not a valid header token"),
         ({"traceparent": "a\r\nInjected: 1"}, None, "one-line string"),

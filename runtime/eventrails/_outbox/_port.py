@@ -82,8 +82,16 @@ def _check_headers(name: str, headers: Mapping[str, str] | None) -> dict[str, st
             raise PayloadError(f"header name {key!r} of {name!r} is not a valid header token; use letters, digits and '-'")
         if key.lower().startswith(_RESERVED_PREFIXES):
             raise PayloadError(
-                f"header {key!r} of {name!r} is set by eventrails or NATS; pass trace context "
-                "(traceparent, tracestate) and your own headers only"
+                f"header {key!r} of {name!r} is set by eventrails or NATS; pass trace context headers only"
+            )
+        # NOTE: the relay publishes through Publisher, which takes no extra headers, so only
+        # trace context reaches the message (as the context the relay publishes in).
+        forwarded = _trace.forwarded_headers()
+        if key.lower() not in forwarded:
+            allowed = ", ".join(sorted(forwarded)) or "none: install opentelemetry-api to carry trace context"
+            raise PayloadError(
+                f"header {key!r} of {name!r} cannot travel through the outbox: only trace context headers "
+                f"are forwarded ({allowed}); put other values in the payload"
             )
         if not isinstance(value, str) or "\r" in value or "\n" in value:
             raise PayloadError(f"header {key!r} of {name!r} must be a one-line string, got {value!r}")
@@ -158,8 +166,9 @@ class OutboxWriter(_WriterBase, ABC):
     """Writes outbox rows into the caller's open transaction (synchronous drivers).
 
     ``aggregate_key`` orders rows: the relay publishes the rows of one key in the order they
-    were written, one at a time. ``headers`` carries trace context (``traceparent``) and
-    other headers of your own. ``msg_id`` sets the row id; by default a random UUID.
+    were written, one at a time. ``headers`` carries trace context (``traceparent``) when
+    it is not the current OpenTelemetry context. ``msg_id`` sets the row id, by default a
+    random UUID.
     """
 
     def enqueue(

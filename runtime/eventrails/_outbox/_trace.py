@@ -14,6 +14,15 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from eventrails import _tracing
 
 
+def forwarded_headers() -> frozenset[str]:
+    """Return the lower-case names of the headers the propagator reads (none without opentelemetry-api)."""
+    if not _tracing.enabled():
+        return frozenset()
+    from opentelemetry import propagate
+
+    return frozenset(field.lower() for field in propagate.get_global_textmap().fields)
+
+
 def capture(headers: MutableMapping[str, str]) -> None:
     """Write the current trace context into ``headers`` unless the caller already put one there."""
     if not _tracing.enabled() or _tracing.TRACEPARENT_HEADER in headers:
@@ -26,7 +35,7 @@ def capture(headers: MutableMapping[str, str]) -> None:
 @contextlib.contextmanager
 def continuing(headers: Mapping[str, str]) -> Iterator[None]:
     """Run the block with the trace context stored in ``headers`` as the current one."""
-    if not _tracing.enabled() or _tracing.TRACEPARENT_HEADER not in headers:
+    if not _tracing.enabled() or not forwarded_headers() & {key.lower() for key in headers}:
         yield
         return
     from opentelemetry import context, propagate
