@@ -312,6 +312,8 @@ def test_other_database_errors_pass_through(error: BaseException) -> None:
 
 
 def test_describe_names_the_driver_error_and_sqlstate() -> None:
-    error = sqlalchemy.exc.ProgrammingError("INSERT ...", {}, psycopg.errors.UndefinedTable("no\n  relation"))
-    assert describe(error) == "UndefinedTable: no relation (SQLSTATE 42P01)"
+    error = sqlalchemy.exc.ProgrammingError("INSERT ...", {}, psycopg.errors.UniqueViolation("duplicate\n  key"))
+    assert describe(error) == "UniqueViolation: duplicate key (SQLSTATE 23505)"
+    missing = describe(psycopg.errors.UndefinedTable("relation does not exist"))
+    assert missing.startswith("UndefinedTable: relation does not exist (SQLSTATE 42P01); create the outbox table")
     assert describe(sqlite3.OperationalError("database is locked")) == "OperationalError: database is locked"

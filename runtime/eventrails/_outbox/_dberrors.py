@@ -48,9 +48,14 @@ def translate_write_error(error: BaseException, table: str) -> BaseException:
 
 
 def describe(error: BaseException) -> str:
-    """Return a one-line description of a database error, with its SQLSTATE when the driver gives one."""
+    """Return a one-line description of a database error, with its SQLSTATE when the driver gives one.
+
+    A missing table gets the command that creates it appended.
+    """
     inner = _driver_error(error)
     text = " ".join(str(inner).split()) or type(inner).__name__
     sqlstate = getattr(inner, "sqlstate", None)
     suffix = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+    if is_missing_table(error):
+        suffix += "; create the outbox table with `eventrails outbox migrate --dsn ...` (or relay with --migrate)"
     return f"{type(inner).__name__}: {text}{suffix}"
