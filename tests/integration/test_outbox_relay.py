@@ -315,7 +315,9 @@ async def test_claim_one_row_per_aggregate(outbox: Outbox) -> None:
 
 async def test_aggregate_order_with_two_relays(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
-    rows = [("send-email", email(index), f"agg-{index % 3}") for index in range(30)]
+    rows: list[tuple[str, dict[str, Any], str | None]] = [
+        ("send-email", email(index), f"agg-{index % 3}") for index in range(30)
+    ]
     rows += [("send-email", email(100 + index), None) for index in range(10)]
     ids = outbox.write(rows)
 

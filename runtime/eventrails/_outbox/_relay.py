@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import socket
@@ -410,7 +411,7 @@ class OutboxRelay:
     async def _check_nats(self) -> None:
         """Clear the outage flag once the server responds to a ping again, for the readiness check."""
         try:
-            await self._nc.flush(timeout=self.settings.publish_timeout)
+            await self._nc.flush(timeout=max(1, math.ceil(self.settings.publish_timeout)))
         except Exception as error:  # noqa: BLE001 - still away; the flag stays
             logger.debug("outbox relay %s: NATS still does not respond: %s; pausing again", self.relay_id, error)
         else:
