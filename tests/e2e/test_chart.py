@@ -1,10 +1,10 @@
 """charts/eventrails installed with helm on the test control plane, and the operator run with its RBAC.
 
 There is no kubelet, so the operator pod never starts. Instead each test runs the chart's
-operator container as a local process: the command, arguments and environment come from
-the installed Deployment, and the credentials are a token minted with the TokenRequest API
-for the chart's ServiceAccount, so the API server authorizes every request against the
-chart's roles alone. Only the health and metrics ports move to free ports on 127.0.0.1.
+operator container as a local process, with the command, arguments and environment of the
+installed Deployment. Its only credential is a token minted with the TokenRequest API for the
+chart's ServiceAccount, so the API server authorizes every request against the chart's roles
+alone. Only the health and metrics ports move to free ports on 127.0.0.1.
 
 The operator runs in namespaced mode: a cluster-wide operator would also act on the
 objects of other tests sharing this control plane. Cluster mode is checked by asking the
@@ -51,8 +51,8 @@ QUICK = {"RETRY_DELAY_MIN": "0.5", "RETRY_DELAY_MAX": "2", "NATS_CONNECT_TIMEOUT
 USER_MANAGER = "gitops"
 
 
-def eventually(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
-    """Call ``check`` until it returns something truthy without failing; fail naming ``what``."""
+def eventually(check: Callable[[], T], description: str, timeout: float = WAIT) -> T:
+    """Call ``check`` until it returns something truthy without failing, or fail naming ``description``."""
     deadline = time.monotonic() + timeout
     last = "nothing truthy yet"
     while True:
@@ -63,7 +63,7 @@ def eventually(check: Callable[[], T], what: str, timeout: float = WAIT) -> T:
         except (AssertionError, ControlPlaneError) as error:
             last = str(error)
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {last}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {description}: {last}")
         time.sleep(0.3)
 
 
@@ -303,7 +303,7 @@ def test_kstatus_reading_follows_the_conventions() -> None:
 # --- tests ----------------------------------------------------------------------------------------
 
 
-def test_operator_with_chart_credentials_reconciles_topic_and_consumer(
+def test_operator_reconciles_with_chart_rbac(
     namespaced_release: Release, operator: LocalOperator, nats_server: NatsServer,
 ) -> None:
     release = namespaced_release
@@ -348,7 +348,7 @@ def test_operator_with_chart_credentials_reconciles_topic_and_consumer(
     assert "Forbidden" not in log and " 403" not in log and "Traceback" not in log, log
 
 
-def test_verbs_the_chart_does_not_grant_are_forbidden(namespaced_release: Release) -> None:
+def test_ungranted_verbs_are_forbidden(namespaced_release: Release) -> None:
     release = namespaced_release
     plane = release.plane
     for namespace in (release.watched, release.unwatched):
@@ -373,14 +373,15 @@ def test_verbs_the_chart_does_not_grant_are_forbidden(namespaced_release: Releas
             "create", "deployment", "intruder", "--image=registry.example/x:1", "-n", release.unwatched),
         "read Pods": ("get", "pods", "-n", release.watched),
     }
-    for what, args in forbidden.items():
+    for action, args in forbidden.items():
         result = release.as_operator(kubeconfig, *args)
-        assert result.returncode != 0 and "forbidden" in result.stderr.lower(), f"it could {what}: {result.stdout}"
+        assert result.returncode != 0, f"the operator could {action}: {result.stdout}"
+        assert "forbidden" in result.stderr.lower(), f"{action} failed for another reason: {result.stderr}"
     # The namespace it tried to delete is still there.
     plane.kubectl("get", "namespace", release.unwatched)
 
 
-def test_cluster_mode_grants_what_the_operator_needs_everywhere_and_no_more(cluster_release: Release) -> None:
+def test_cluster_mode_permissions(cluster_release: Release) -> None:
     release = cluster_release
     account = f"system:serviceaccount:{release.namespace}:{release.service_account}"
 
@@ -472,7 +473,7 @@ def test_gitops_owned_fields_stay_with_gitops(namespaced_release: Release, opera
     assert kstatus(eventually(not_ready, "the Topic with a missing bus to report it")) != "Current"
 
 
-def test_upgrade_then_uninstall_leaves_topics_streams_and_a_removable_finalizer(
+def test_upgrade_and_uninstall_as_documented(
     namespaced_release: Release, operator: LocalOperator, nats_server: NatsServer,
 ) -> None:
     """What docs/upgrade.md tells users to do works as written."""
@@ -508,8 +509,9 @@ def test_upgrade_then_uninstall_leaves_topics_streams_and_a_removable_finalizer(
     plane.kubectl("patch", "topic", "mail", "-n", release.watched, "--type=json", "-p", json.dumps([
         {"op": "test", "path": "/metadata/finalizers/0", "value": "eventrails.dev/finalizer"},
         {"op": "remove", "path": "/metadata/finalizers/0"}]))
-    gone = plane.kubectl("get", "topic", "mail", "-n", release.watched, check=False)
-    assert gone.returncode != 0 and "NotFound" in gone.stderr
+    lookup = plane.kubectl("get", "topic", "mail", "-n", release.watched, check=False)
+    assert lookup.returncode != 0
+    assert "NotFound" in lookup.stderr
     # deletionPolicy Retain: the stream outlives the Topic.
     assert _jetstream(nats_server.url, stream_name)[0] is not None
 

@@ -78,7 +78,7 @@ def test_exported_metrics_are_found() -> None:
 
 
 @pytest.mark.parametrize("expression", queries())
-def test_each_query_uses_exported_metrics_and_their_labels(expression: str) -> None:
+def test_queries_use_exported_metrics(expression: str) -> None:
     names = exported()
     used = metric_names(expression)
     assert used, f"no eventrails or NATS exporter metric in {expression!r}"
@@ -98,9 +98,9 @@ def test_each_query_uses_exported_metrics_and_their_labels(expression: str) -> N
         assert label in labels, f"label {label!r} is not on {used}: {expression}"
 
 
-def test_dashboard_covers_what_operators_watch() -> None:
+def test_dashboard_covers_key_figures() -> None:
     used = {name for expression in queries() for name in metric_names(expression)}
-    wanted = {
+    expected = {
         "eventrails_operator_reconciles_total",  # operator reconciles
         "eventrails_operator_reconcile_errors_total",  # and errors
         "nats:stream_total_messages",  # stream figures
@@ -109,7 +109,7 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "eventrails_dead_lettered_total",  # dead letters
         "eventrails_outbox_oldest_pending_age_seconds",  # outbox lag
     }
-    assert wanted <= used, sorted(wanted - used)
+    assert expected <= used, sorted(expected - used)
 
 
 def test_dashboard_is_well_formed() -> None:

@@ -47,7 +47,7 @@ def adapter_calls() -> set[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_no_wildcards_and_nothing_that_escalates(helm: Helm, mode: str) -> None:
+def test_rules_have_no_wildcards(helm: Helm, mode: str) -> None:
     found = roles(helm.template(MODES[mode]))
     assert found
     for role in found:
@@ -63,7 +63,7 @@ def test_no_wildcards_and_nothing_that_escalates(helm: Helm, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_every_request_the_operator_makes_is_granted(helm: Helm, mode: str) -> None:
+def test_operator_requests_are_granted(helm: Helm, mode: str) -> None:
     calls = adapter_calls()
     # The scan finds the adapter's real call sites (guards against a regex that matches nothing).
     assert ("get", "SECRETS") in calls and ("create", "DEPLOYMENTS") in calls, calls
@@ -81,7 +81,7 @@ def test_every_request_the_operator_makes_is_granted(helm: Helm, mode: str) -> N
         assert grants(rules, "", "events", "create")
 
 
-def test_secrets_are_read_one_by_one_never_listed(helm: Helm) -> None:
+def test_secrets_get_only(helm: Helm) -> None:
     for mode in MODES.values():
         for role in roles(helm.template(mode)):
             secret_verbs = {verb for rule in role["rules"] if "secrets" in rule.get("resources", [])
@@ -135,7 +135,7 @@ def test_existing_service_account_needs_a_name(helm: Helm) -> None:
     assert binding["subjects"][0]["name"] == "platform-operator"
 
 
-def test_rules_are_documented_in_the_template() -> None:
+def test_rules_carry_comments() -> None:
     """Each rule in the shared rule list carries a comment that says why it is there."""
     text = (REPO / "charts" / "eventrails" / "templates" / "_helpers.tpl").read_text()
     block = text.split('define "eventrails.namespacedRules"', 1)[1]

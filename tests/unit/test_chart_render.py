@@ -1,17 +1,16 @@
 """charts/eventrails lints, renders in both RBAC modes, and every manifest is valid.
 
-Built-in kinds are checked with kubernetes-validate in strict mode (unknown fields fail)
-against the schemas of the test control plane's Kubernetes version; the chart's own custom
-resources (EventBus, kopf peering objects) against the openAPIV3Schema of their CRDs in the
-chart's crds/, made strict the same way. Prometheus Operator kinds have no schema here, so
-their wiring to the Service and pods is checked instead.
+kubernetes-validate checks built-in kinds in strict mode (unknown fields fail), against the
+schemas of the test control plane's Kubernetes version. The chart's own custom resources
+(EventBus, kopf peering objects) are checked against the openAPIV3Schema of their CRDs in
+the chart's crds/, made strict the same way. Prometheus Operator kinds have no schema here,
+so their wiring to the Service and pods is checked instead.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -106,9 +105,15 @@ def operator_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_helm_lint_passes(helm: Helm, mode: str) -> None:
-    result = helm.lint(MODES[mode])
-    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
-    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+    report = helm.lint(MODES[mode])
+    assert not report.failed, report.findings
+    assert report.problems == []
+
+
+def test_helm_lint_reports_bad_values(helm: Helm) -> None:
+    report = helm.lint({"operator": {"logLevel": "verbose"}})
+    assert report.failed
+    assert any("/operator/logLevel" in problem for problem in report.problems), report.problems
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -136,7 +141,7 @@ def test_validation_rejects_an_unknown_field(helm: Helm) -> None:
         validate(bus)
 
 
-def test_chart_crds_install_the_kinds_and_kopf_peering(helm: Helm) -> None:
+def test_chart_crds_include_kopf_peering(helm: Helm) -> None:
     manifests = helm.template(include_crds=True)
     names = sorted(item["metadata"]["name"] for item in by_kind(manifests, "CustomResourceDefinition"))
     assert names == ["clusterkopfpeerings.kopf.dev", "consumers.eventrails.dev", "eventbuses.eventrails.dev",
@@ -163,7 +168,7 @@ def test_operator_pod_is_locked_down(helm: Helm) -> None:
     assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
-def test_probes_reach_the_operator_health_endpoint(helm: Helm) -> None:
+def test_probes_hit_health_endpoint(helm: Helm) -> None:
     container = operator_container(helm.template({"operator": {"healthPort": 8181, "metricsPort": 9191}}))
     env = {item["name"]: item.get("value") for item in container["env"]}
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -297,7 +302,7 @@ def test_default_event_bus_from_values(helm: Helm) -> None:
     assert not by_kind(helm.template(), "EventBus")
 
 
-def test_monitors_scrape_the_operator_service_and_worker_pods(helm: Helm) -> None:
+def test_monitors_select_service_and_workers(helm: Helm) -> None:
     manifests = helm.template(EVERYTHING)
     service = one(manifests, "Service")
     monitor = one(manifests, "ServiceMonitor")
@@ -320,16 +325,15 @@ def test_monitors_scrape_the_operator_service_and_worker_pods(helm: Helm) -> Non
     assert workers["spec"]["podMetricsEndpoints"][0]["port"] == "http"
 
 
-def test_dashboard_config_map_carries_the_dashboard(helm: Helm) -> None:
+def test_dashboard_config_map_content(helm: Helm) -> None:
     config_map = one(helm.template({"grafanaDashboard": {"enabled": True}}), "ConfigMap")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(config_map["data"]["eventrails.json"])
     assert dashboard == json.loads((CHART / "dashboards" / "eventrails.json").read_text())
 
 
-def test_notes_tell_the_next_command(helm: Helm, tmp_path: Path) -> None:
-    result = helm.run("install", "demo", str(CHART), "--dry-run=client", "--namespace", "ops", "--set", "watchNamespaces={shop}")
-    notes = result.stdout.split("NOTES:", 1)[1]
+def test_notes_tell_the_next_command(helm: Helm) -> None:
+    notes = helm.notes({"watchNamespaces": ["shop"]}, release="demo", namespace="ops")
     assert "kubectl --namespace ops rollout status deployment/demo-eventrails" in notes
     assert "kubectl wait --namespace shop --for=condition=Ready topic/mail" in notes
     assert "It watches the namespaces: shop." in notes

