@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit integration e2e controlplane crds clean
+.PHONY: install demo test unit integration e2e controlplane helm crds clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ e2e: $(STAMP) controlplane
 
 crds: $(STAMP)
 	$(BIN)/eventrails crds --output crds
+	$(BIN)/eventrails crds --output charts/eventrails/crds
+	cp operator/eventrails_operator/peering.yaml charts/eventrails/crds/kopf-peering.yaml
+
+# Builds helm from tools/helm into ~/.cache/eventrails/helm (about 6 minutes cold, then cached).
+helm:
+	scripts/build-helm.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
