@@ -16,11 +16,38 @@ app = typer.Typer(
 )
 
 
+_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_log_format = "text"
+
+
+@app.callback()
+def _options(
+    log_format: Annotated[
+        str,
+        typer.Option(
+            envvar="EVENTRAILS_LOG_FORMAT",
+            help="Log line format: 'text', or 'json' with one object per line for log collectors.",
+        ),
+    ] = "text",
+) -> None:
+    global _log_format
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"{log_format!r} is invalid: use 'text' or 'json'", param_hint="--log-format")
+    _log_format = log_format
+
+
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    if _log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        ))
+    else:
+        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 @app.command()

@@ -189,7 +189,7 @@ def test_settings_from_values_reach_the_operator(helm: Helm) -> None:
     values = {
         "watchNamespaces": ["shop", "billing"],
         "nats": {"servers": ["nats://a.nats:4222", "nats://b.nats:4222"], "subjectPrefix": "acme.rails"},
-        "operator": {"resyncInterval": 15, "logLevel": "debug", "keda": "off",
+        "operator": {"resyncInterval": 15, "logLevel": "debug", "logFormat": "json", "keda": "off",
                      "workerImage": {"repository": "registry.example/worker", "tag": "2.0"},
                      "env": {"worker_limit": 128, "EVENT_LEVEL": "warning"}},
         "peering": {"name": "rails", "lifetime": 30},
@@ -199,6 +199,7 @@ def test_settings_from_values_reach_the_operator(helm: Helm) -> None:
     assert container["args"] == ["--namespace=shop", "--namespace=billing", "--log-level=debug"]
 
     env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["EVENTRAILS_LOG_FORMAT"] == "json"
     operator_env = {key.removeprefix("EVENTRAILS_OPERATOR_").lower(): value for key, value in env.items()
                     if key.startswith("EVENTRAILS_OPERATOR_")}
     unknown = set(operator_env) - set(OperatorSettings.model_fields)
