@@ -40,8 +40,8 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     result.posting.loggers = settings.post_events
     result.posting.level = settings.event_level_number
     result.posting.worker_limit = settings.event_worker_limit
-    # At most worker_limit objects are handled at once; the others wait in their queues.
-    result.queueing.worker_limit = settings.worker_limit
+    # kopf's own worker limit stays unset: with indexes, a limit below the number of objects
+    # stalls the start (see OperatorContext.slot, which bounds the reconciles instead).
     result.networking.request_timeout = settings.kube_request_timeout
     result.networking.connect_timeout = 10
     # Bounded watches, so that a connection silently dropped by a proxy is noticed and renewed.
@@ -99,7 +99,7 @@ def run_operator(namespaces: list[str]) -> int:
     arguments = operator_arguments(settings, namespaces)
     logger.info(
         "starting the eventrails operator on %s; default NATS %s; resync every %.0fs; %s; "
-        "metrics on %s; up to %s objects at once",
+        "metrics on %s; up to %s reconciles at once",
         ", ".join(namespaces) if namespaces else "all namespaces",
         ", ".join(settings.default_nats_servers), settings.resync_interval,
         f"peering {settings.peering_name!r} with priority {arguments['priority']}" if settings.peering_name

@@ -17,6 +17,7 @@ import json
 import logging
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ logger = logging.getLogger("eventrails.operator.bus")
 DEFAULT_BUS_NAME = "default"
 # BusConnection.name of the servers from the operator's own settings.
 OPERATOR_DEFAULT = ""
+# Returns the body of the object (namespace, name), or None when there is none.
+BodyLookup = Callable[[str, str], "dict[str, Any] | None"]
 # EventBus annotations for KEDA's scaler, which reads lag from the NATS monitoring endpoint.
 MONITORING_ENDPOINT_ANNOTATION = "eventrails.dev/nats-monitoring-endpoint"
 ACCOUNT_ANNOTATION = "eventrails.dev/nats-account"
@@ -125,15 +128,17 @@ class BusPool:
             name=OPERATOR_DEFAULT,
         )
 
-    async def resolve(self, namespace: str, bus_name: str | None) -> BusConnection:
+    async def resolve(self, namespace: str, bus_name: str | None, lookup: BodyLookup | None = None) -> BusConnection:
         """Return the bus a Topic in ``namespace`` with ``spec.bus = bus_name`` lives on.
 
+        ``lookup`` reads EventBuses from the operator's in-memory copies (kopf's index of
+        its watch); without one, the EventBus is read from the API server.
         Raises ReconcileError (temporary) when the named EventBus is missing or invalid:
         fixing either happens outside the Topic, so retrying is right.
         """
         name = bus_name or DEFAULT_BUS_NAME
         try:
-            body = await self._kube.get(_kube.EVENTBUSES, namespace, name)
+            body = lookup(namespace, name) if lookup is not None else await self._kube.get(_kube.EVENTBUSES, namespace, name)
         except _kube.KubeError as error:
             raise ReconcileError("KubernetesApiError", f"read EventBus {namespace}/{name}: {error}", temporary=True) from error
         if body is None:

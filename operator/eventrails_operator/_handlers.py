@@ -17,6 +17,7 @@ Outcomes map onto kopf like this:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import json
@@ -79,6 +80,7 @@ class OperatorContext:
     kube: _kube.KubeApi
     buses: BusPool
     _locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+    _slots: asyncio.Semaphore | None = None
     # Whether KEDA's ScaledObject resource is served, and when that was last asked.
     _keda: tuple[bool, float] | None = None
 
@@ -109,6 +111,19 @@ class OperatorContext:
     def lock(self, kind: str, namespace: str, name: str) -> asyncio.Lock:
         """Serialize the change handlers and the resync timer of one object."""
         return self._locks.setdefault((kind, namespace, name), asyncio.Lock())
+
+    def slot(self) -> asyncio.Semaphore | contextlib.nullcontext[None]:
+        """Bound the reconciles that run at once to ``worker_limit``.
+
+        The bound is here rather than in kopf's own worker limit: kopf's workers wait,
+        holding their slots, until its indexes are filled, so a limit below the number of
+        objects would stall the operator's start.
+        """
+        if self.settings.worker_limit is None:
+            return contextlib.nullcontext()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.worker_limit)
+        return self._slots
 
     def retry_delay(self, retry: int) -> float:
         return min(self.settings.retry_delay_max, self.settings.retry_delay_min * 2 ** min(retry, 16))
@@ -180,6 +195,54 @@ class _Attempt:
     """What one reconcile learned before it failed: the parsed object, when it got that far."""
 
     resource: Topic | Consumer | EventBus | None = None
+
+
+def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of an object the handlers read, without managedFields and status."""
+    metadata = body.get("metadata", {})
+    kept = ("name", "namespace", "uid", "generation", "labels", "annotations")
+    return {
+        "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+        "metadata": {key: copy.deepcopy(metadata[key]) for key in kept if key in metadata},
+        "spec": copy.deepcopy(body.get("spec")),
+    }
+
+
+def eventbus_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """kopf index of EventBuses by (namespace, name): bus resolution reads it instead of the API server."""
+    return {(namespace, name): _slim(body)}
+
+
+def topic_bodies(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """kopf index of Topics by (namespace, name): Consumers read their Topic from it."""
+    return {(namespace, name): _slim(body)}
+
+
+@dataclass(frozen=True)
+class _Known:
+    """The EventBuses and Topics kopf keeps in memory from its watches (its indexes).
+
+    kopf fills the indexes from its first listing before any handler runs, so a lookup
+    misses only objects that are newer than the last watch event; without the indexes
+    (older callers), the handlers read from the API server.
+    """
+
+    buses: kopf.Index[tuple[str, str], dict[str, Any]] | None = None
+    topics: kopf.Index[tuple[str, str], dict[str, Any]] | None = None
+
+    @staticmethod
+    def _first(index: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str) -> dict[str, Any] | None:
+        store = index.get((namespace, name))
+        return next(iter(store), None) if store is not None else None
+
+    def bus_lookup(self) -> Callable[[str, str], dict[str, Any] | None] | None:
+        buses = self.buses
+        return None if buses is None else (lambda namespace, name: self._first(buses, namespace, name))
+
+    async def topic(self, context: OperatorContext, namespace: str, name: str) -> dict[str, Any] | None:
+        if self.topics is None:
+            return await context.kube.get(_kube.TOPICS, namespace, name)
+        return self._first(self.topics, namespace, name)
 
 
 def _failure_status(body: kopf.Body, resource: Topic | Consumer | EventBus | None, error: ReconcileError) -> dict[str, Any]:
@@ -272,25 +335,25 @@ async def _settle(
     raise kopf.PermanentError(f"{detail}; not retried until the spec changes")
 
 
-_Reconcile = Callable[[OperatorContext, kopf.Body, logging.Logger, _Attempt], Awaitable[dict[str, Any]]]
+_Reconcile = Callable[[OperatorContext, kopf.Body, logging.Logger, _Attempt, _Known], Awaitable[dict[str, Any]]]
 
 
 async def _run(
     kind: str, resource: _kube.Resource, reconcile: _Reconcile, body: kopf.Body, memo: kopf.Memo,
-    logger: logging.Logger, retry: int, *, periodic: bool,
+    logger: logging.Logger, retry: int, known: _Known, *, periodic: bool,
 ) -> None:
     context = _context(memo)
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    async with context.lock(kind, namespace, name):
+    async with context.lock(kind, namespace, name), context.slot():
         await _settle(context, kind, resource, body, logger, retry, periodic,
-                      lambda attempt: reconcile(context, body, logger, attempt))
+                      lambda attempt: reconcile(context, body, logger, attempt, known))
 
 
 # --- EventBus ----------------------------------------------------------------------------------
 
 
 async def _reconcile_event_bus(
-    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt, known: _Known,
 ) -> dict[str, Any]:
     bus_resource = attempt.resource = _parse(body, EventBus)
     namespace, name = bus_resource.metadata.namespace, bus_resource.metadata.name
@@ -318,11 +381,11 @@ async def _reconcile_event_bus(
 
 
 async def event_bus_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
-    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, retry, periodic=False)
+    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, retry, _Known(), periodic=False)
 
 
 async def event_bus_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, 0, periodic=True)
+    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, 0, _Known(), periodic=True)
 
 
 async def event_bus_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
@@ -335,16 +398,16 @@ async def event_bus_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Lo
 # --- Topic -------------------------------------------------------------------------------------
 
 
-async def _topic_jetstream(context: OperatorContext, topic: Topic) -> tuple[BusConnection, JetStreamManager]:
-    bus = await context.buses.resolve(topic.metadata.namespace, topic.spec.bus)
+async def _topic_jetstream(context: OperatorContext, topic: Topic, known: _Known) -> tuple[BusConnection, JetStreamManager]:
+    bus = await context.buses.resolve(topic.metadata.namespace, topic.spec.bus, known.bus_lookup())
     return bus, await context.buses.jetstream(topic.metadata.namespace, bus)
 
 
 async def _reconcile_topic(
-    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt, known: _Known,
 ) -> dict[str, Any]:
     topic = attempt.resource = _parse(body, Topic)
-    bus, jsm = await _topic_jetstream(context, topic)
+    bus, jsm = await _topic_jetstream(context, topic, known)
     result = await _reconcile.reconcile_topic(jsm, topic, bus)
     _count_writes(result.writes)
     if result.writes:
@@ -356,15 +419,25 @@ async def _reconcile_topic(
     return result.status
 
 
-async def topic_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
-    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, retry, periodic=False)
+async def topic_changed(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
+) -> None:
+    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, retry, _Known(eventbus_bodies),
+               periodic=False)
 
 
-async def topic_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, 0, periodic=True)
+async def topic_resync(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, eventbus_bodies: kopf.Index[Any, Any] | None = None,
+    **_: Any,
+) -> None:
+    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, 0, _Known(eventbus_bodies), periodic=True)
 
 
-async def topic_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+async def topic_deleted(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
+) -> None:
     """Delete the streams when ``deletionPolicy`` is Delete; any failure keeps the finalizer."""
     context = _context(memo)
     try:
@@ -377,7 +450,7 @@ async def topic_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger
         logger.info("Topic deleted with deletionPolicy Retain: stream %s and its dead letters are kept", stream)
         return
     try:
-        _, jsm = await _topic_jetstream(context, topic)
+        _, jsm = await _topic_jetstream(context, topic, _Known(eventbus_bodies))
         changes = await _reconcile.delete_topic(jsm, topic)
         _count_writes(changes)
     except (ReconcileError, _kube.KubeError) as error:
@@ -571,8 +644,8 @@ async def _ensure_workers(
     return _Workers(replicas, f"{replicas} worker replica(s)")
 
 
-async def _read_topic(context: OperatorContext, namespace: str, name: str) -> Topic | None:
-    body = await context.kube.get(_kube.TOPICS, namespace, name)
+async def _read_topic(context: OperatorContext, namespace: str, name: str, known: _Known) -> Topic | None:
+    body = await known.topic(context, namespace, name)
     if body is None:
         return None
     try:
@@ -585,11 +658,11 @@ async def _read_topic(context: OperatorContext, namespace: str, name: str) -> To
 
 
 async def _reconcile_consumer(
-    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt,
+    context: OperatorContext, body: kopf.Body, logger: logging.Logger, attempt: _Attempt, known: _Known,
 ) -> dict[str, Any]:
     consumer = attempt.resource = _parse(body, Consumer)
     namespace = consumer.metadata.namespace
-    topic = await _read_topic(context, namespace, consumer.spec.topic)
+    topic = await _read_topic(context, namespace, consumer.spec.topic, known)
     if topic is None:
         raise ReconcileError(
             "TopicNotFound",
@@ -597,7 +670,7 @@ async def _reconcile_consumer(
             "apply the Topic or fix spec.topic",
             field="spec.topic", temporary=True,
         )
-    bus, jsm = await _topic_jetstream(context, topic)
+    bus, jsm = await _topic_jetstream(context, topic, known)
     result = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
     _count_writes(result.writes)
     if result.writes:
@@ -618,15 +691,26 @@ async def _reconcile_consumer(
     return status
 
 
-async def consumer_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
-    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, retry, periodic=False)
+async def consumer_changed(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, topic_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
+) -> None:
+    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, retry,
+               _Known(eventbus_bodies, topic_bodies), periodic=False)
 
 
-async def consumer_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, 0, periodic=True)
+async def consumer_resync(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, topic_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
+) -> None:
+    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, 0,
+               _Known(eventbus_bodies, topic_bodies), periodic=True)
 
 
-async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
+async def consumer_deleted(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, topic_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
+) -> None:
     """Remove the workers, wait until they are gone, then delete the JetStream consumer."""
     context = _context(memo)
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -657,9 +741,10 @@ async def consumer_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Log
         return
     stream = _naming.stream_name(namespace, consumer.spec.topic)
     try:
-        topic = await _read_topic(context, namespace, consumer.spec.topic)
+        known = _Known(eventbus_bodies, topic_bodies)
+        topic = await _read_topic(context, namespace, consumer.spec.topic, known)
         # TODO: remember the bus of a Consumer, so that deleting it after its Topic still finds a named EventBus.
-        bus = await context.buses.resolve(namespace, topic.spec.bus if topic is not None else None)
+        bus = await context.buses.resolve(namespace, topic.spec.bus if topic is not None else None, known.bus_lookup())
         jsm = await context.buses.jetstream(namespace, bus)
         change = await _reconcile.delete_consumer(jsm, consumer)
         _count_writes([change])
@@ -711,6 +796,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(login)
     kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.index(GROUP, VERSION, "eventbuses", registry=registry)(eventbus_bodies)
+    kopf.index(GROUP, VERSION, "topics", registry=registry)(topic_bodies)
 
     interval = settings.resync_interval
     kinds: list[tuple[str, Any, Any, Any, bool]] = [

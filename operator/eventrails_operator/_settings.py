@@ -60,12 +60,12 @@ class OperatorSettings(BaseSettings):
     # --- Load: limits that keep a thousand objects from flooding the API server ---
     worker_limit: int | None = Field(
         default=64, ge=1,
-        description="Objects handled at once (kopf's object workers); unset for no limit.",
+        description="Reconciles (changes, resyncs) that run at once; empty for no limit.",
     )
     kube_requests_per_second: float = Field(
         default=50.0, gt=0,
         description="Sustained rate of the handlers' own Kubernetes API requests (reads, status and Deployment "
-        "writes); kopf's watches and its annotation patches are bounded by worker_limit instead.",
+        "writes); kopf's watches and its annotation patches are not paced by it.",
     )
     kube_burst: int = Field(default=100, ge=1, description="Requests allowed at once above the sustained rate.")
     kube_connection_limit: int = Field(
