@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eventrails._process import kill_process, stop_process
+
 logger = logging.getLogger("eventrails.natsserver")
 
 
@@ -119,22 +121,12 @@ class NatsServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("nats-server pid=%s did not stop within %.0fs; killing it", process.pid, timeout)
-            process.kill()
-            process.wait()
+        stop_process(process, "nats-server", timeout)
 
     def kill(self) -> None:
         """Kill the server at once, as a crash would."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_process(process)
 
     def cleanup(self) -> None:
         self.stop()

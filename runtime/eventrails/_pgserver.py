@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eventrails._natsserver import free_port
+from eventrails._process import kill_process, stop_process
 
 logger = logging.getLogger("eventrails.pgserver")
 
@@ -173,22 +174,12 @@ class PostgresServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server with a fast shutdown (SIGINT), killing it after ``timeout`` seconds."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("postgres pid=%s did not stop within %.0fs; killing it", process.pid, timeout)
-            process.kill()
-            process.wait()
+        stop_process(process, "postgres", timeout, signal.SIGINT)
 
     def kill(self) -> None:
         """Kill the server at once, as a crash would."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_process(process)
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (a plain identifier) and return its connection URI."""
