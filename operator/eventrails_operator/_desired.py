@@ -339,7 +339,7 @@ def scaled_object(consumer: Consumer, bus: BusConnection, *, monitoring_port: in
         raise ValueError(f"Consumer {consumer.metadata.name!r} has no spec.autoscaling: it runs fixed replicas")
     namespace, name = consumer.metadata.namespace, consumer.metadata.name
     deployment = _naming.deployment_name(name)
-    # An explicit endpoint may say https://host:port; KEDA takes host:port plus a flag.
+    # An explicit endpoint may start with https://, and KEDA takes host:port plus a flag.
     endpoint = bus.monitoring_address(monitoring_port)
     use_https = endpoint.startswith("https://")
     address = endpoint.split("://", 1)[-1]

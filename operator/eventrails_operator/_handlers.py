@@ -94,7 +94,7 @@ class OperatorContext:
         return cls(settings=settings, kube=kube, buses=BusPool(settings, kube))
 
     async def keda_installed(self) -> bool:
-        """Whether KEDA's ScaledObject resource is served, asked at most every ``keda_check_interval``."""
+        """Return whether KEDA's ScaledObject resource is served, checking at most every ``keda_check_interval``."""
         if self.settings.keda == "off":
             return False
         now = time.monotonic()

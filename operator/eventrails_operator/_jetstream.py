@@ -156,7 +156,7 @@ _REJECTION_HINTS = {
 def _rejected_update(
     error: JetStreamRejected, stream: str, differences: list[str], live: dict[str, Any], desired: dict[str, Any],
 ) -> ReconcileError:
-    """Explain a stream update the server refused: which spec field, from what to what, and its err_code."""
+    """Return the error for a stream update the server rejected: the spec field, both values and the err_code."""
     # The translated error starts with what was being done; keep only the server's words.
     detail = (error.description or "").removeprefix(f"update stream {stream}: ")
     description = detail.lower()

@@ -50,7 +50,7 @@ def payloads(count: int) -> list[dict[str, Any]]:
     return [{"organizationId": "org-1", "projectId": "prj-1", "orderId": f"o-{index}"} for index in range(count)]
 
 
-def test_consumer_runs_workers_that_drain_it(
+def test_consumer_workers_drain_it(
     kube: Kube, probe: NatsProbe, operators: Operators, tmp_path: Path,
 ) -> None:
     namespace = kube.namespace
@@ -105,7 +105,7 @@ def test_consumer_runs_workers_that_drain_it(
         eventually(pending(0), "kubectl get consumers to show 0 pending")
     finally:
         assert pod.stop() == 0, pod.log()
-    # A work-queue stream forgets what its consumer acknowledged.
+    # A work-queue stream removes what its consumer acknowledged.
     info = probe.stream(stream)
     assert info is not None and info.state.messages == 0
 
@@ -153,7 +153,7 @@ def test_resync_repairs_drift(
     stop_and_check(operator)
 
 
-def test_autoscaling_uses_keda_when_installed(
+def test_autoscaling_with_and_without_keda(
     kube: Kube, probe: NatsProbe, operators: Operators, keda_crd: Callable[[], None],
 ) -> None:
     namespace = kube.namespace
@@ -191,6 +191,11 @@ def test_autoscaling_uses_keda_when_installed(
         "consumer": "resizer", "lagThreshold": "20", "useHttps": "false",
     }}
     assert kube.scaled_object("fixed-worker") is None
+    # Even with KEDA, nothing scales a consumer before it exists.
+    kube.apply("Consumer", "encoder", {"topic": "videos", "handler": "media.workers:worker",
+                                       "autoscaling": autoscaling})
+    kube.wait_failed("consumers", "encoder", "TopicNotFound")
+    assert kube.scaled_object("encoder-worker") is None and kube.deployment("encoder-worker") is None
     kube.wait_generation_ready("consumers", "resizer", 1)
     eventually(lambda: "KEDA ScaledObject resizer-worker scales the workers from 0 to 5"
                in kube.condition("consumers", "resizer")["message"], "the Ready message to name the ScaledObject")
@@ -214,7 +219,7 @@ def test_autoscaling_uses_keda_when_installed(
     stop_and_check(operator)
 
 
-def test_workers_are_garbage_collected_with_their_consumer(
+def test_workers_garbage_collected(
     kube: Kube, probe: NatsProbe, operators: Operators,
 ) -> None:
     operator = operators.start()

@@ -31,7 +31,7 @@ def creates(namespace: str, *topics: str) -> list[str]:
     return sorted(f"$JS.API.STREAM.CREATE.{namespace}_{topic}{suffix}" for topic in topics for suffix in ("", "_dlq"))
 
 
-def test_restart_resumes_without_duplicates_losses_or_writes(
+def test_restart_resumes_without_writes(
     kube: Kube, probe: NatsProbe, operators: Operators,
 ) -> None:
     namespace = kube.namespace
@@ -44,7 +44,7 @@ def test_restart_resumes_without_duplicates_losses_or_writes(
         kube.wait_ready(plural, name)
     stop_and_check(first)
 
-    # While no operator runs: one Topic is added, one changed, one deleted (its finalizer holds it).
+    # While no operator runs: one Topic is added, one changed, one deleted (its finalizer keeps it).
     kube.apply("Topic", "audit", {"events": ["LoginFailed"]})
     kube.patch("topics", "billing", {"spec": {"limits": {"maxAge": "24h"}}})
     kube.delete("topics", "scratch")
@@ -78,7 +78,7 @@ def _peers(plane: ControlPlane, namespace: str) -> dict[str, dict[str, object]]:
     return dict(body.get("status") or {})
 
 
-def test_one_of_two_peered_replicas_acts(
+def test_peered_replicas_one_acts(
     kube: Kube, probe: NatsProbe, operators: Operators, peering_crds: ControlPlane,
 ) -> None:
     namespace = kube.namespace
@@ -106,7 +106,8 @@ def test_one_of_two_peered_replicas_acts(
         f"$JS.API.CONSUMER.CREATE.{namespace}_orders.runner.eventrails.{namespace}.orders.run-job"]
     assert leader.reconciles("Topic", trigger="change") == 3
     assert standby.metric("eventrails_operator_reconciles_total") == 0
-    assert "Topic reconciled" in leader.log() and "Topic reconciled" not in standby.log()
+    assert "Topic reconciled" in leader.log()
+    assert "Topic reconciled" not in standby.log()
     assert "Resuming operations" not in standby.log()
 
     # The leader stops and leaves the peering; the standby resumes, rewrites nothing, and handles what comes next.
@@ -122,7 +123,7 @@ def test_one_of_two_peered_replicas_acts(
     stop_and_check(standby)
 
 
-def test_metrics_endpoint_counts_reconciles(kube: Kube, operators: Operators) -> None:
+def test_metrics_count_reconciles(kube: Kube, operators: Operators) -> None:
     operator: OperatorProcess = operators.start()
     kube.apply("Topic", "orders", {"tasks": ["send-email"]})
     kube.apply("Consumer", "mailer", {"topic": "missing", "handler": "shop.workers:worker"})

@@ -1,7 +1,7 @@
 """The operator reconciles Topics on a real API server into streams on a real nats-server.
 
 Each test runs ``python -m eventrails_operator`` on its own namespace and nats-server, with
-a resync every 2 seconds. A second NATS connection (``probe``) sees every JetStream write
+a resync every 2 seconds. A second NATS connection (``probe``) receives every JetStream write
 request the operator sends, so "in sync" is checked as "nothing was written".
 """
 
@@ -28,14 +28,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 PAYLOAD = {"organizationId": "org-1", "projectId": "prj-1"}
 
 
-def test_topic_created_updated_and_kept_in_sync_without_writes(
+def test_topic_create_update_and_resync(
     kube: Kube, probe: NatsProbe, operators: Operators,
 ) -> None:
     namespace = kube.namespace
     stream = f"{namespace}_orders"
     operator = operators.start()
 
-    # Create: `kubectl wait` sees the Ready condition, and JetStream saw exactly two creates.
+    # Create: `kubectl wait` finds the Ready condition, and JetStream received exactly two creates.
     kube.apply("Topic", "orders", {"tasks": ["send-email"], "limits": {"maxAge": "1h"}})
     kube.wait_ready("topics", "orders")
     assert probe.writes() == [f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.CREATE.{stream}_dlq"]
@@ -54,7 +54,8 @@ def test_topic_created_updated_and_kept_in_sync_without_writes(
     rows = eventually(counted, "kubectl get topics to show 3 messages")
     assert rows[0] == ["NAME", "READY", "STREAM", "MESSAGES", "DEAD", "AGE"]
     wide = kube.table("topics", "-o", "wide")
-    assert wide[0][5] == "REASON" and wide[1][5] == "Reconciled", wide
+    assert wide[0][5] == "REASON", wide
+    assert wide[1][5] == "Reconciled", wide
 
     # Update: a new task name and a longer maxAge are one stream update.
     probe.clear_writes()
@@ -87,7 +88,7 @@ def test_topic_created_updated_and_kept_in_sync_without_writes(
     stop_and_check(operator)
 
 
-def test_immutable_and_rejected_changes_leave_the_stream(
+def test_rejected_changes_keep_stream(
     kube: Kube, probe: NatsProbe, operators: Operators,
 ) -> None:
     namespace = kube.namespace
@@ -138,7 +139,7 @@ def test_immutable_and_rejected_changes_leave_the_stream(
     stop_and_check(operator)
 
 
-def test_deletion_retains_or_deletes_and_waits_for_nats(
+def test_topic_deletion_policies_and_nats_outage(
     kube: Kube, probe: NatsProbe, operators: Operators, nats_server: NatsServer,
 ) -> None:
     namespace = kube.namespace
@@ -161,11 +162,14 @@ def test_deletion_retains_or_deletes_and_waits_for_nats(
     # refuses the change, and the stream and its message stay as they were.
     kube.apply("Topic", "kept", {"tasks": ["archive"], "storage": "memory"})
     ready = kube.wait_failed("topics", "kept", "ImmutableField")
-    assert "spec.storage from file to memory" in ready["message"] and "err_code 10052" in ready["message"]
+    assert "spec.storage from file to memory" in ready["message"]
+    assert "err_code 10052" in ready["message"]
     kept = probe.stream(f"{namespace}_kept")
-    assert kept is not None and enum_value(kept.config.storage) == "file" and kept.state.messages == 1
+    assert kept is not None
+    assert enum_value(kept.config.storage) == "file"
+    assert kept.state.messages == 1
 
-    # Delete, while NATS is down: the finalizer holds the Topic and the deletion is retried.
+    # Delete, while NATS is down: the finalizer keeps the Topic and the deletion is retried.
     nats_server.stop()
     kube.delete("topics", "gone")
 
