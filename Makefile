@@ -46,8 +46,19 @@ helm:
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Throughput of the publisher and the dispatcher against raw nats-py; figures in docs/benchmarks.md.
-.PHONY: bench
-bench: $(STAMP)
-	$(BIN)/python bench/publisher.py
-	$(BIN)/python bench/dispatcher.py
+# Publisher and dispatcher throughput against raw nats-py, FastStream and `nats bench`, and
+# publish-to-handler latency, on the asyncio loop and on uvloop; each script writes its
+# tables into docs/benchmarks.md. bench-peers installs the pinned peers and profilers and
+# builds natscli from Go modules into ~/.cache/eventrails (once; a few minutes cold).
+.PHONY: bench bench-peers
+bench-peers: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	scripts/build-natscli.sh >/dev/null
+
+bench: bench-peers
+	$(BIN)/python bench/_common.py --write
+	for loop in asyncio uvloop; do \
+		$(BIN)/python bench/publisher.py --loop $$loop --write && \
+		$(BIN)/python bench/dispatcher.py --loop $$loop --write && \
+		$(BIN)/python bench/latency.py --loop $$loop --write || exit 1; \
+	done

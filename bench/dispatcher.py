@@ -1,97 +1,118 @@
-"""Dispatcher throughput: a no-op handler behind the eventrails Dispatcher against a raw nats-py pull loop.
+"""Dispatcher throughput: a no-op handler behind the eventrails Dispatcher against its peers.
 
-Each run stores the same 100-byte tasks in a workqueue stream (file storage), then times
-how long the consumer takes to drain them: from the start of consuming until the stream
-is empty, which in a workqueue stream means JetStream has every acknowledgement. The raw loop fetches batches of 100 and acks each
-message; the Dispatcher validates, routes, runs the handler, records metrics and acks.
+Each run stores the same 100-byte tasks in a workqueue stream (file storage) and times
+how long one consumer process takes to drain them: from the start of consuming until the
+stream is empty, which in a workqueue stream means JetStream has every acknowledgement.
+Every variant acks each message after its handler returned, on a fresh durable consumer.
 
-    .venv/bin/python bench/dispatcher.py [--messages 2000] [--runs 5]
+    raw        nats-py fetch(100) and msg.ack() in a loop
+    faststream FastStream's JetStream pull subscriber (batches of 64, handled concurrently)
+    eventrails Dispatcher with concurrency 16 (the default) and 64: validation, routing,
+               outcome, metrics, heartbeat timer, tracing hooks, ack
+    nats bench `nats bench js consume` (natscli, Go): what the server sustains
+
+    .venv/bin/python bench/dispatcher.py [--messages 20000] [--runs 5] [--loop uvloop] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
+import logging
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import nats.errors
-from nats.aio.client import Client as NATS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from publisher import (  # noqa: E402 - the benchmarks share their setup
+from _common import (
+    CONSUMER,
     NAMESPACE,
     STREAM,
-    SUBJECT,
-    _encode,
+    TOPIC,
+    Table,
     apply,
     client,
-    payload,
+    drained,
+    fill,
+    fresh_consumer,
+    load,
+    loop_choices,
+    nats_bench,
+    natscli,
+    run,
     start_server,
-    summarize,
+    write_section,
 )
-
-from eventrails import Context, Worker, WorkerSettings  # noqa: E402
-from eventrails._dispatcher import Dispatcher  # noqa: E402
-from eventrails._metrics import Metrics  # noqa: E402
+from eventrails import Context, Worker, WorkerSettings
+from eventrails._dispatcher import Dispatcher
+from eventrails._metrics import Metrics
 
 worker = Worker()
 
 
+class Tally:
+    """Counts handled messages; ``done`` is set once the run's last one was handled.
+
+    The benchmark polls the stream (to see every ack arrive) only after that, so its own
+    polling does not share the event loop with the variant while the variant runs.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = 0
+        self.done = asyncio.Event()
+
+    def reset(self, target: int) -> None:
+        self.count, self.target = 0, target
+        self.done = asyncio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        if self.count >= self.target:
+            self.done.set()
+
+
+tally = Tally()
+
+
 @worker.task("send-email")
 async def noop(payload: dict[str, Any], ctx: Context) -> None:
-    return None
+    tally.add()
 
 
-async def fill(nc: NATS, count: int) -> None:
-    js = nc.jetstream(publish_async_max_pending=256)
-    body = _encode(payload())
-    futures = [await js.publish_async(SUBJECT, body, headers={"Nats-Msg-Id": uuid.uuid4().hex}) for _ in range(count)]
-    await asyncio.gather(*futures)
-
-
-async def drained(nc: NATS, count: int) -> None:
-    """Return once the workqueue stream is empty: JetStream removed every acknowledged message."""
-    js = nc.jetstream()
-    while (await js.stream_info(STREAM)).state.messages:
-        await asyncio.sleep(0.005)
-
-
-async def raw_loop(server_url: str, count: int, _: int) -> float:
-    nc = await nats.connect(server_url)
+async def raw_loop(url: str, count: int) -> float:
+    nc = await nats.connect(url)
     try:
-        subscription = await nc.jetstream().pull_subscribe_bind("mailer", stream=STREAM)
+        subscription = await nc.jetstream().pull_subscribe_bind(CONSUMER, stream=STREAM)
         started = time.perf_counter()
         handled = 0
         while handled < count:
             try:
                 messages = await subscription.fetch(100, timeout=1)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             for msg in messages:
                 await msg.ack()
             handled += len(messages)
-        await drained(nc, count)
+        await drained(nc)
         return time.perf_counter() - started
     finally:
         await nc.close()
 
 
-async def dispatcher_run(server_url: str, count: int, concurrency: int) -> float:
-    nc = await nats.connect(server_url)
+async def dispatcher_run(url: str, count: int, concurrency: int) -> float:
+    nc = await nats.connect(url)
     settings = WorkerSettings(
-        nats_servers=[server_url], namespace=NAMESPACE, topic="orders", consumer="mailer", concurrency=concurrency,
+        nats_servers=[url], namespace=NAMESPACE, topic=TOPIC, consumer=CONSUMER, concurrency=concurrency,
         health_port=0,
     )
     dispatcher = Dispatcher(worker, settings, nc, metrics=Metrics())
+    tally.reset(count)
     try:
         started = time.perf_counter()
         task = asyncio.create_task(dispatcher.run())
-        await drained(nc, count)
+        await asyncio.wait_for(tally.done.wait(), timeout=300)
+        await drained(nc)
         elapsed = time.perf_counter() - started
         dispatcher.stop()
         await task
@@ -100,41 +121,67 @@ async def dispatcher_run(server_url: str, count: int, concurrency: int) -> float
         await nc.close()
 
 
-async def main(messages: int, runs: int) -> None:
-    import logging
+async def faststream_run(url: str, count: int, watch: Any) -> float:
+    import peers_faststream
 
+    return await peers_faststream.consume(url, count, 64, watch)
+
+
+async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
     logging.getLogger("eventrails").setLevel(logging.WARNING)
     server = start_server()
-    variants = {
-        "nats-py fetch(100) + ack": (raw_loop, 0),
-        "eventrails Dispatcher, concurrency 16": (dispatcher_run, 16),
-        "eventrails Dispatcher, concurrency 64": (dispatcher_run, 64),
+    table = Table(f"Dispatcher throughput, no-op handler, {messages:,} messages of 100 B per run, {loop} loop", "msg/s")
+    baseline = "nats-py fetch(100) + ack"
+    variants: dict[str, Any] = {
+        baseline: lambda nc: raw_loop(server.url, messages),
+        "FastStream pull subscriber, batch 64": lambda nc: faststream_run(server.url, messages, nc),
+        "eventrails Dispatcher, concurrency 16": lambda nc: dispatcher_run(server.url, messages, 16),
+        "eventrails Dispatcher, concurrency 64": lambda nc: dispatcher_run(server.url, messages, 64),
     }
     try:
         nc = await client(server)
-        await apply(nc, server, with_consumer=True)
-        js = nc.jetstream()
-        results: dict[str, list[float]] = {name: [] for name in variants}
+        await apply(nc, server)
+        load_before = load()
         for round_index in range(runs + 1):  # the first round warms up and is not counted
-            for name, (variant, concurrency) in variants.items():
-                # A fresh consumer per run, so each starts from an ack floor of 0.
-                await js.purge_stream(STREAM)
-                await js.delete_consumer(STREAM, "mailer")
-                await apply(nc, server, with_consumer=True)
+            for name, variant in variants.items():
+                await fresh_consumer(nc, server)
                 await fill(nc, messages)
-                elapsed = await variant(server.url, messages, concurrency)
+                elapsed = await variant(nc)
                 if round_index:
-                    results[name].append(messages / elapsed)
+                    table.add(name, messages / elapsed)
+            if natscli() is not None:
+                await fresh_consumer(nc, server)
+                await fill(nc, messages)
+                rate = nats_bench(
+                    server.url, "js", "consume", "--stream", STREAM, "--consumer", CONSUMER, "--msgs", str(messages),
+                    "--batch", "500",
+                )
+                await drained(nc)
+                if round_index:
+                    table.add("nats bench js consume (natscli, Go)", rate)
         await nc.close()
     finally:
         server.cleanup()
-    summarize(f"Dispatcher throughput, no-op handler, {messages} messages of 100 B per run", results,
-              "nats-py fetch(100) + ack")
+    natsbench = "nats bench js consume (natscli, Go)"
+    for name in table.rows:
+        if name.startswith("eventrails"):
+            table.compare(name, "FastStream pull subscriber, batch 64")
+            table.compare(name, baseline)
+            if natsbench in table.rows:
+                table.compare(name, natsbench)
+    table.print()
+    print(f"load average before {load_before}, after {load()}")
+    if write:
+        write_section(f"dispatcher-{loop}", f"{table.markdown()}\n\nLoad average (1, 5, 15 min) before the runs "
+                      f"{load_before}, after {load()}.")
+    return table
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--loop", choices=loop_choices(), default="asyncio")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.messages, arguments.runs))
+    run(main(arguments.messages, arguments.runs, arguments.loop, arguments.write), arguments.loop)

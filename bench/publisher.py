@@ -1,117 +1,79 @@
-"""Publisher throughput: eventrails ``Publisher.enqueue`` against raw nats-py on the same server.
+"""Publisher throughput: eventrails against raw nats-py and `nats bench` on the same server.
 
-Every variant publishes the same 100-byte JSON payload to the same workqueue stream (file
-storage) and waits for every PubAck. The variants run in turn within each round, so they
-share the machine's state; the stream is purged between them.
+Every variant publishes 100-byte JSON payloads to the same workqueue stream (file storage)
+and waits for every PubAck. The variants run in turn within each round, so they share the
+machine's state; the stream is purged before each.
 
-    .venv/bin/python bench/publisher.py [--messages 2000] [--runs 5]
+    js.publish             nats-py, one message at a time (awaits each PubAck)
+    enqueue                eventrails, one at a time
+    js.publish_async       nats-py, up to 256 PubAcks pending
+    enqueue_many           eventrails, one call for the whole run, up to 256 PubAcks pending
+    enqueue x64            eventrails, 64 concurrent callers of enqueue
+    nats bench             `nats bench js pub async --batch 256` (natscli, Go): the server's limit
+
+eventrails also checks the contract, and sends a message id, the name, publish time and
+the tenancy keys as headers on every message (the raw variants send a message id only).
+
+    .venv/bin/python bench/publisher.py [--messages 20000] [--runs 5] [--loop uvloop] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
-import statistics
-import tempfile
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
+from _common import (
+    NAMESPACE,
+    STREAM,
+    SUBJECT,
+    TASK,
+    TOPIC,
+    Table,
+    apply,
+    client,
+    encode,
+    load,
+    loop_choices,
+    nats_bench,
+    natscli,
+    payload,
+    run,
+    start_server,
+    stored,
+    topic,
+    write_section,
+)
 from eventrails import NatsSettings, Publisher
-from eventrails._manifests import parse_resource
-from eventrails._natsserver import NatsServer
-from eventrails._resources import API_VERSION, Consumer, Topic
-from eventrails_operator._desired import BusConnection
-from eventrails_operator._reconcile import reconcile_consumer, reconcile_topic
 
-# --- setup shared with bench/dispatcher.py ---------------------------------------------------
+# bench/outbox_relay.py imports its setup from here.
+__all__ = ["NAMESPACE", "STREAM", "SUBJECT", "apply", "client", "payload", "start_server", "summarize", "topic"]
 
-NAMESPACE = "bench"
-SUBJECT = f"eventrails.{NAMESPACE}.orders.send-email"
-STREAM = f"{NAMESPACE}_orders"
+PENDING = 256
+CALLERS = 64
 
 
-def payload(size: int = 100) -> dict[str, Any]:
-    """Return a task payload whose JSON encoding is exactly ``size`` bytes."""
-    base = {"organizationId": "org_1", "projectId": "prj_1", "emailId": 1, "pad": ""}
-    empty = len(_encode(base))
-    base["pad"] = "x" * max(size - empty, 0)
-    return base
-
-
-def _encode(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
-
-
-def topic(storage: str = "file") -> Topic:
-    body = {"apiVersion": API_VERSION, "kind": "Topic", "metadata": {"name": "orders", "namespace": NAMESPACE},
-            "spec": {"tasks": ["send-email"], "storage": storage, "retention": "workqueue"}}
-    resource = parse_resource(body)
-    assert isinstance(resource, Topic)
-    return resource
-
-
-def consumer(**spec: Any) -> Consumer:
-    body = {"apiVersion": API_VERSION, "kind": "Consumer", "metadata": {"name": "mailer", "namespace": NAMESPACE},
-            "spec": {"topic": "orders", "handler": "bench:worker", "ackWait": "30s", **spec}}
-    resource = parse_resource(body)
-    assert isinstance(resource, Consumer)
-    return resource
-
-
-def start_server() -> NatsServer:
-    return NatsServer(store_dir=Path(tempfile.mkdtemp(prefix="eventrails-bench-"))).start()
-
-
-async def apply(nc: NATS, server: NatsServer, with_consumer: bool = False, **consumer_spec: Any) -> None:
-    js = nc.jetstream()
-    bus = BusConnection(servers=(server.url,))
-    result = await reconcile_topic(js, topic(), bus)
-    assert result.error is None, result.error
-    if with_consumer:
-        result = await reconcile_consumer(js, consumer(**consumer_spec), topic(), bus=bus)
-        assert result.error is None, result.error
-
-
-async def client(server: NatsServer) -> NATS:
-    return await nats.connect(server.url)
-
-
-def summarize(title: str, results: dict[str, list[float]], baseline: str, unit: str = "msg/s") -> None:
-    """Print median, min and max of each row, and the ratio of medians against ``baseline``."""
-    base = statistics.median(results[baseline])
-    print(f"\n{title}")
-    print(f"{'':<42}{'median':>10}{'min':>10}{'max':>10}  ratio to {baseline}")
-    for name, values in results.items():
-        median = statistics.median(values)
-        print(f"{name:<42}{median:>10.0f}{min(values):>10.0f}{max(values):>10.0f}  {median / base:.2f}")
-    print(f"({unit}; {len(next(iter(results.values())))} runs each; Python {platform.python_version()}, "
-          f"{platform.machine()})")
-
-
-# --- the variants ------------------------------------------------------------------------------
-
-CONCURRENCY = 64
+def _ids() -> Callable[[], str]:
+    prefix = os.urandom(8).hex()
+    counter = iter(range(1 << 62))
+    return lambda: f"{prefix}{next(counter):x}"
 
 
 async def raw_publish(nc: NATS, count: int) -> None:
     js = nc.jetstream()
-    body = _encode(payload())
+    body, next_id = encode(payload()), _ids()
     for _ in range(count):
-        await js.publish(SUBJECT, body, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+        await js.publish(SUBJECT, body, headers={"Nats-Msg-Id": next_id()})
 
 
 async def raw_publish_async(nc: NATS, count: int) -> None:
-    js = nc.jetstream(publish_async_max_pending=CONCURRENCY)
-    body = _encode(payload())
-    futures = [await js.publish_async(SUBJECT, body, headers={"Nats-Msg-Id": uuid.uuid4().hex}) for _ in range(count)]
+    js = nc.jetstream(publish_async_max_pending=PENDING)
+    body, next_id = encode(payload()), _ids()
+    futures = [await js.publish_async(SUBJECT, body, headers={"Nats-Msg-Id": next_id()}) for _ in range(count)]
     await asyncio.gather(*futures)
 
 
@@ -119,7 +81,13 @@ async def eventrails_enqueue(nc: NATS, count: int) -> None:
     publisher = Publisher(nc, NatsSettings(namespace=NAMESPACE))
     data = payload()
     for _ in range(count):
-        await publisher.enqueue("orders", "send-email", data)
+        await publisher.enqueue(TOPIC, TASK, data)
+
+
+async def eventrails_enqueue_many(nc: NATS, count: int) -> None:
+    publisher = Publisher(nc, NatsSettings(namespace=NAMESPACE))
+    receipts = await publisher.enqueue_many(TOPIC, TASK, [payload()] * count, max_pending=PENDING)
+    assert len(receipts) == count
 
 
 async def eventrails_enqueue_concurrent(nc: NATS, count: int) -> None:
@@ -127,48 +95,88 @@ async def eventrails_enqueue_concurrent(nc: NATS, count: int) -> None:
     data = payload()
     remaining = iter(range(count))
 
-    async def lane() -> None:
+    async def caller() -> None:
         for _ in remaining:
-            await publisher.enqueue("orders", "send-email", data)
+            await publisher.enqueue(TOPIC, TASK, data)
 
-    await asyncio.gather(*(lane() for _ in range(CONCURRENCY)))
-
-
-VARIANTS: dict[str, Callable[[NATS, int], Awaitable[None]]] = {
-    "nats-py js.publish (sequential)": raw_publish,
-    "eventrails enqueue (sequential)": eventrails_enqueue,
-    f"nats-py js.publish_async ({CONCURRENCY} pending)": raw_publish_async,
-    f"eventrails enqueue ({CONCURRENCY} concurrent)": eventrails_enqueue_concurrent,
-}
+    await asyncio.gather(*(caller() for _ in range(CALLERS)))
 
 
-async def main(messages: int, runs: int) -> None:
+def summarize(title: str, results: dict[str, list[float]], baseline: str, unit: str = "msg/s") -> None:
+    """Print the median, minimum and maximum of each row and the ratio of medians against ``baseline``."""
+    table = Table(title, unit, {name: list(values) for name, values in results.items()})
+    for name in results:
+        if name != baseline:
+            table.compare(name, baseline)
+    table.print()
+
+
+SEQUENTIAL = "nats-py js.publish, one at a time"
+PIPELINED = f"nats-py js.publish_async, {PENDING} pending"
+NATS_BENCH = f"nats bench js pub async, batch {PENDING} (natscli, Go)"
+
+# Name, function, share of --messages it sends (one-at-a-time variants are slower).
+VARIANTS: list[tuple[str, Callable[[NATS, int], Awaitable[None]], float]] = [
+    (SEQUENTIAL, raw_publish, 0.25),
+    ("eventrails enqueue, one at a time", eventrails_enqueue, 0.25),
+    (PIPELINED, raw_publish_async, 1.0),
+    (f"eventrails enqueue_many, {PENDING} pending", eventrails_enqueue_many, 1.0),
+    (f"eventrails enqueue, {CALLERS} concurrent callers", eventrails_enqueue_concurrent, 1.0),
+]
+
+
+async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
     server = start_server()
+    table = Table(f"Publisher throughput, 100 B messages, {loop} loop", "msg/s")
+    variants = [variant for variant in VARIANTS if variant[1] is not eventrails_enqueue_many
+                or hasattr(Publisher, "enqueue_many")]
     try:
         nc = await client(server)
         await apply(nc, server)
         js = nc.jetstream()
-        for variant in VARIANTS.values():  # warm-up: contract cache, connections, server files
-            await variant(nc, 200)
-        results: dict[str, list[float]] = {name: [] for name in VARIANTS}
-        for _ in range(runs):
-            for name, variant in VARIANTS.items():
+        load_before = load()
+        for round_index in range(runs + 1):  # the first round warms up and is not counted
+            for name, variant, share in variants:
+                count = max(int(messages * share), 1)
                 await js.purge_stream(STREAM)
                 started = time.perf_counter()
-                await variant(nc, messages)
+                await variant(nc, count)
                 elapsed = time.perf_counter() - started
-                stored = (await js.stream_info(STREAM)).state.messages
-                assert stored == messages, f"{name} stored {stored} of {messages}"
-                results[name].append(messages / elapsed)
+                assert await stored(nc) == count, f"{name} stored {await stored(nc)} of {count}"
+                if round_index:
+                    table.add(name, count / elapsed)
+            if natscli() is not None:
+                await js.purge_stream(STREAM)
+                rate = nats_bench(
+                    server.url, "js", "pub", "async", SUBJECT, "--stream", STREAM, "--msgs", str(messages),
+                    "--size", "100B", "--batch", str(PENDING), "--dedup",
+                )
+                if round_index:
+                    table.add(NATS_BENCH, rate)
         await nc.close()
     finally:
         server.cleanup()
-    summarize(f"Publisher throughput, {messages} messages of 100 B per run", results, "nats-py js.publish (sequential)")
+    for name, _, share in variants:
+        if name.startswith("eventrails"):
+            table.compare(name, SEQUENTIAL if share < 1 else PIPELINED)
+    for name, _, share in variants:
+        if name.startswith("eventrails") and share == 1 and NATS_BENCH in table.rows:
+            table.compare(name, NATS_BENCH)
+    if NATS_BENCH in table.rows:
+        table.compare(PIPELINED, NATS_BENCH)
+    table.print()
+    print(f"load average before {load_before}, after {load()}")
+    if write:
+        write_section(f"publisher-{loop}", f"{table.markdown()}\n\nLoad average (1, 5, 15 min) before the runs "
+                      f"{load_before}, after {load()}.")
+    return table
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--loop", choices=loop_choices(), default="asyncio")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.messages, arguments.runs))
+    run(main(arguments.messages, arguments.runs, arguments.loop, arguments.write), arguments.loop)

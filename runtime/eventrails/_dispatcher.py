@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from nats.js.client import JetStreamContext
 from eventrails import _naming, _schedule, _tracing
 from eventrails._contract import Contract, ContractCache
 from eventrails._errors import ConfigurationError, JetStreamNotFound, translate
-from eventrails._metrics import Metrics
+from eventrails._metrics import Metrics, NameMetrics
 from eventrails._outcomes import DeadLetter, Done, Outcome, Retry, Skip, backoff_delay, resolve
 from eventrails._publisher import MSG_ID_HEADER, NAME_HEADER, Publisher, publish_with_retry
 from eventrails._settings import WorkerSettings
@@ -73,8 +73,13 @@ DEFAULT_PULL_EXPIRY = 1.0
 # (a deleted consumer shows up as a fetch without responders).
 _FETCH_ERRORS_BEFORE_RECHECK = 1
 
+# How long past a pull request's expiry the dispatcher waits for the server's word on it
+# (a 408 status, or its last message) before it counts the request as gone, as after a
+# reconnect that lost it.
+_PULL_GRACE = 1.0
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class _Ids:
     """The ids of one delivery, for log lines, headers and announcements."""
 
@@ -89,7 +94,7 @@ class _Ids:
         return f"{self.topic}/{self.name} msg={self.msg_id} seq={self.stream_seq} delivery={self.delivery}"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Verdict:
     """The outcome of one delivery, with the error that led to it (for dead-letter headers)."""
 
@@ -103,29 +108,15 @@ class HandlerTimeout(Exception):
     """A handler ran longer than the timeout it was registered with; retried like any failure."""
 
 
-class _Heartbeat:
-    """A timer that runs ``beat`` every ``interval`` seconds until cancelled.
+class _Running:
+    """A message whose handler runs, and when it is next due an in-progress heartbeat."""
 
-    A timer rather than a task per message: most handlers finish long before the first
-    beat, and a task created and cancelled for each of them is a measurable share of
-    the dispatcher's cost.
-    """
+    __slots__ = ("beat_at", "ids", "msg")
 
-    def __init__(self, beat: Callable[[], Awaitable[None]], interval: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._beat = beat
-        self._interval = interval
-        self._handle = self._loop.call_later(interval, self._fire)
-        self._beating: set[asyncio.Task[None]] = set()
-
-    def _fire(self) -> None:
-        task = self._loop.create_task(self._beat())
-        self._beating.add(task)
-        task.add_done_callback(self._beating.discard)
-        self._handle = self._loop.call_later(self._interval, self._fire)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
+    def __init__(self, msg: Msg, ids: _Ids, beat_at: float) -> None:
+        self.msg = msg
+        self.ids = ids
+        self.beat_at = beat_at
 
 
 def _short(text: str) -> str:
@@ -180,13 +171,31 @@ class Dispatcher:
         self._subject_prefix = _naming.subject(settings.subject_prefix, settings.namespace, settings.topic, "")
 
         self._contract: Contract | None = None
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._subscription: Any = None
         self._bound = False
         self._draining = False
         self._not_ready = "starting"
         self._stopping = asyncio.Event()
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._pending_fetch: asyncio.Task[list[Msg]] | None = None
+
+        # Handlers running now, by task; messages delivered while every slot was taken.
+        self._running: dict[asyncio.Task[None], _Running] = {}
+        self._backlog: deque[Msg] = deque()
+        self._waiter: asyncio.Future[bool] | None = None
+        self._beat_interval = settings.ack_wait / 3
+        self._beats: asyncio.TimerHandle | None = None
+        self._beating: set[asyncio.Task[None]] = set()
+
+        # The pull protocol of a nats-py client (see _consume_stream): messages asked for
+        # and not yet delivered, deliveries after the stop, and what the server last said.
+        self._streaming = isinstance(nc, NATS)
+        api = f"$JS.{settings.jetstream_domain}.API" if settings.jetstream_domain else "$JS.API"
+        self._next_subject = f"{api}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}"
+        self._requested = 0
+        self._heard_at = 0.0
+        self._late: list[Msg] = []
+        self._pull_problem: str | None = None
+        self._names: dict[str, NameMetrics] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -209,6 +218,7 @@ class Dispatcher:
         if not self._stopping.is_set():
             logger.info("stop requested: draining consumer %s on stream %s", self._consumer, self._stream)
         self._stopping.set()
+        self._wake()
 
     async def run(self) -> None:
         """Bind to the consumer and handle messages until ``stop``; then drain and return.
@@ -216,13 +226,21 @@ class Dispatcher:
         Raises ConfigurationError when the topic declares names that the consumer receives
         but the worker has no handler for.
         """
+        self._beats = asyncio.get_running_loop().call_later(self._beat_interval / 2, self._sweep)
         try:
             while not self._stopping.is_set():
                 if not await self._bind():
                     break
-                await self._consume()
+                if self._streaming:
+                    await self._consume_stream()
+                else:
+                    await self._consume_fetch()
         finally:
-            await self._drain()
+            try:
+                await self._drain()
+            finally:
+                if self._beats is not None:
+                    self._beats.cancel()
 
     # --- binding -------------------------------------------------------------------------
 
@@ -240,7 +258,8 @@ class Dispatcher:
                 self._contracts.forget(self._topic)
                 self._contract = await self._contracts.get(self._topic)
                 self._check_handlers(info, self._contract)
-                self._subscription = await self._js.pull_subscribe_bind(self._consumer, stream=self._stream)
+                if not self._streaming:
+                    self._subscription = await self._js.pull_subscribe_bind(self._consumer, stream=self._stream)
             except ConfigurationError:
                 raise
             except Exception as error:  # noqa: BLE001 - translated and retried below
@@ -325,8 +344,107 @@ class Dispatcher:
 
     # --- fetching ------------------------------------------------------------------------
 
-    async def _consume(self) -> None:
-        """Fetch batches sized to the free handler slots until stopped or the consumer is gone."""
+    async def _consume_stream(self) -> None:
+        """Keep pull requests open for the free handler slots and handle what they deliver.
+
+        Used with a nats-py client. Pull requests go straight to the consumer's next-message
+        subject with an inbox of the dispatcher's own, and deliveries start handlers from the
+        inbox's callback. So a request is on the server while handlers run, and its messages
+        arrive while others finish; nats-py's ``fetch`` waits for each batch and takes one
+        queue read with its own timer per message. A request asks for all slots that are
+        free and not yet asked for; a new one goes out once a quarter of the slots (or all
+        of them) are free. ``_requested`` counts messages asked for and not yet delivered:
+        deliveries lower it, and so does the server's 408 when a request expires (it says
+        how many the request still had open). Returns when stopped, or when the consumer is
+        gone (after unbinding).
+        """
+        nc = self._nc
+        loop = asyncio.get_running_loop()
+        inbox = nc.new_inbox()
+        self._requested, self._pull_problem, self._heard_at = 0, None, loop.time()
+        self._subscription = await nc.subscribe(inbox, cb=self._on_delivery)
+        concurrency = self._settings.concurrency
+        threshold = max(1, concurrency // 4)
+        expires = int(self._fetch_timeout * 1_000_000_000)
+        lifetime = self._fetch_timeout + _PULL_GRACE
+        pause = _FETCH_ERROR_PAUSE[0]
+        failures = 0
+        while not self._stopping.is_set():
+            free = concurrency - len(self._running) - len(self._backlog) - self._requested
+            if free > 0 and (free >= threshold or not self._requested):
+                try:
+                    await nc.publish(self._next_subject, b'{"batch":%d,"expires":%d}' % (free, expires), reply=inbox)
+                except Exception as error:  # noqa: BLE001 - counted and retried like a failed pull
+                    self._pull_problem = f"{type(error).__name__}: {error}"
+                else:
+                    self._requested += free
+
+            if self._pull_problem is None:
+                woken = await self._wait(lifetime)
+                if not woken and self._requested and loop.time() - self._heard_at >= lifetime:
+                    # The server said nothing about the open requests for longer than they
+                    # live: they were lost (a reconnect, say), so ask again.
+                    logger.debug(
+                        "no word on %d requested message(s) from consumer %s for %.1fs; asking again",
+                        self._requested, self._consumer, lifetime,
+                    )
+                    self._requested = 0
+            problem, self._pull_problem = self._pull_problem, None
+            if problem is None:
+                failures, pause = 0, _FETCH_ERROR_PAUSE[0]
+                continue
+
+            failures += 1
+            self.metrics.fetch_errors.labels(self._topic).inc()
+            logger.warning(
+                "pull from consumer %s on stream %s failed: %s (failure %d in a row); pulling again in %.1fs",
+                self._consumer, self._stream, problem, failures, pause,
+            )
+            if failures >= _FETCH_ERRORS_BEFORE_RECHECK and not await self._consumer_exists():
+                await self._unbind(f"consumer {self._consumer} on stream {self._stream} was deleted")
+                logger.warning(
+                    "consumer %s on stream %s is gone; waiting for it to be created again", self._consumer, self._stream
+                )
+                return
+            await self._pause(pause)
+            pause = min(pause * 2, _FETCH_ERROR_PAUSE[1])
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        """Start the handler of a delivered message, or take note of a status from the server."""
+        self._heard_at = asyncio.get_running_loop().time()
+        if not msg.reply:
+            self._on_status(msg)
+            return
+        if self._requested:
+            self._requested -= 1
+        if self._stopping.is_set():
+            # Handed back once the open requests have ended (see _drain).
+            self._late.append(msg)
+            return
+        self._start(msg)
+
+    def _on_status(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":
+            return  # an idle heartbeat
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None and pending.isdigit():
+            self._requested = max(self._requested - int(pending), 0)
+        else:
+            self._requested = 0
+        if status not in ("404", "408"):
+            # 409 (consumer deleted, leadership change, a request over a limit) or 503 (no
+            # responders: the consumer or JetStream is not there).
+            description = headers.get("Description", "")
+            self._pull_problem = f"status {status} {description}".strip()
+        self._wake()
+
+    async def _consume_fetch(self) -> None:
+        """Fetch batches sized to the free handler slots until stopped or the consumer is gone.
+
+        Used with connections that are not a nats-py client, such as the in-memory double.
+        """
         assert self._subscription is not None
         subscription = self._subscription
         pause = _FETCH_ERROR_PAUSE[0]
@@ -335,9 +453,9 @@ class Dispatcher:
         try:
             while not self._stopping.is_set():
                 # Wait for a free slot, so a batch never contains messages no handler can take.
-                free = self._settings.concurrency - len(self._in_flight)
+                free = self._settings.concurrency - len(self._running)
                 if free <= 0:
-                    await asyncio.wait({*self._in_flight, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    await self._wait(self._fetch_timeout)
                     continue
 
                 fetch = asyncio.create_task(subscription.fetch(batch=free, timeout=self._fetch_timeout))
@@ -376,6 +494,23 @@ class Dispatcher:
         finally:
             stop_waiter.cancel()
 
+    async def _wait(self, timeout: float) -> bool:
+        """Sleep until ``_wake`` (a slot freed, a status, a stop) or ``timeout``; tell whether woken."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+
     async def _consumer_exists(self) -> bool:
         try:
             await self._js.consumer_info(self._stream, self._consumer)
@@ -392,38 +527,78 @@ class Dispatcher:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     def _start(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._handle(msg))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        if len(self._running) >= self._settings.concurrency:
+            # Only after the dispatcher wrote off a pull request that delivered after all.
+            self._backlog.append(msg)
+            return
+        ids = self._ids(msg)
+        task = asyncio.create_task(self._handle(msg, ids))
+        self._running[task] = _Running(msg, ids, asyncio.get_running_loop().time() + self._beat_interval)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        del self._running[task]
+        if self._backlog and not self._stopping.is_set():
+            self._start(self._backlog.popleft())
+        self._wake()
+
+    def _sweep(self) -> None:
+        """Send in-progress heartbeats for the handlers that have run a third of the ack wait.
+
+        One timer for all handlers: most finish long before their first beat, and a timer
+        or task of their own would cost more than the rest of their dispatch. It wakes
+        every sixth of the ack wait, so two beats of a long handler are at most half the
+        ack wait apart.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for running in self._running.values():
+            if running.beat_at <= now:
+                running.beat_at = now + self._beat_interval
+                task = loop.create_task(self._heartbeat(running.msg, running.ids))
+                self._beating.add(task)
+                task.add_done_callback(self._beating.discard)
+        self._beats = loop.call_later(self._beat_interval / 2, self._sweep)
 
     # --- handling ------------------------------------------------------------------------
 
     def _ids(self, msg: Msg) -> _Ids:
-        metadata = msg.metadata
+        # The ack subject carries the delivery count and stream sequence:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+        tokens = msg.reply.split(".") if msg.reply else ()
+        if len(tokens) == 9 and tokens[1] == "ACK":
+            delivered, seq = int(tokens[4]), int(tokens[5])
+        else:
+            metadata = msg.metadata
+            delivered, seq = metadata.num_delivered, metadata.sequence.stream
         headers = msg.headers or {}
         if msg.subject.startswith(self._subject_prefix):
             name = msg.subject[len(self._subject_prefix):]
         else:
             name = headers.get(NAME_HEADER) or msg.subject.rsplit(".", 1)[-1]
-        seq = metadata.sequence.stream
         # The server drops Nats-Msg-Id from the copy a schedule delivers; the publisher
         # repeats the id in its own header for that case.
         msg_id = headers.get(MSG_ID_HEADER) or headers.get(_schedule.MSG_ID_HEADER) or f"{self._stream}-{seq}"
         return _Ids(
             topic=self._topic, name=name, msg_id=msg_id,
-            subject=msg.subject, stream_seq=seq, delivery=metadata.num_delivered,
+            subject=msg.subject, stream_seq=seq, delivery=delivered,
         )
 
-    async def _handle(self, msg: Msg) -> None:
-        ids = self._ids(msg)
-        labels = (ids.topic, ids.name)
-        self.metrics.received.labels(*labels).inc()
+    def _metrics(self, name: str) -> NameMetrics:
+        found = self._names.get(name)
+        if found is None:
+            found = self._names[name] = self.metrics.for_name(self._topic, name)
+        return found
+
+    async def _handle(self, msg: Msg, ids: _Ids) -> None:
+        metrics = self._metrics(ids.name)
+        metrics.received += 1
         if ids.delivery > 1:
-            self.metrics.redeliveries.labels(*labels).inc()
-        self.metrics.in_flight.labels(*labels).inc()
+            metrics.redelivered += 1
+        metrics.in_flight += 1
         try:
-            verdict = await self._decide(msg, ids)
-            await self._settle(msg, ids, verdict)
+            verdict = await self._decide(msg, ids, metrics)
+            await self._settle(msg, ids, verdict, metrics)
         except asyncio.CancelledError:
             # The drain deadline passed while the handler ran: hand the message back at once.
             if not msg.is_acked:
@@ -433,9 +608,9 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - a bug here must not kill the fetch loop
             logger.exception("%s: settling the message failed; it is redelivered after the ack wait", ids)
         finally:
-            self.metrics.in_flight.labels(*labels).dec()
+            metrics.in_flight -= 1
 
-    async def _decide(self, msg: Msg, ids: _Ids) -> _Verdict:
+    async def _decide(self, msg: Msg, ids: _Ids, metrics: NameMetrics) -> _Verdict:
         """Return the outcome of one delivery: the checks, then the handler."""
         settings = self._settings
 
@@ -477,37 +652,30 @@ class Dispatcher:
                 DeadLetter(f"payload does not match {model}"), "ValidationError", _describe_validation(error)
             )
 
-        return await self._call(handler, argument, msg, ids)
+        return await self._call(handler, argument, msg, ids, metrics)
 
-    async def _call(self, handler: Handler, argument: Any, msg: Msg, ids: _Ids) -> _Verdict:
+    async def _call(self, handler: Handler, argument: Any, msg: Msg, ids: _Ids, metrics: NameMetrics) -> _Verdict:
+        headers = msg.headers or {}
         context = Context.create(
             msg_id=ids.msg_id, name=ids.name, topic=ids.topic, subject=ids.subject, stream_seq=ids.stream_seq,
-            delivery=ids.delivery, headers=msg.headers or {}, publisher=self._publisher,
+            delivery=ids.delivery, headers=headers, publisher=self._publisher,
         )
-        heartbeat = _Heartbeat(lambda: self._heartbeat(msg, ids), self._settings.ack_wait / 3)
         started = time.perf_counter()
-        headers = msg.headers or {}
         with _tracing.handling(headers, ids.subject, ids.name, ids.msg_id, ids.delivery) as span:
             try:
-                deadline = asyncio.timeout(handler.timeout)
                 try:
-                    async with deadline:
+                    if handler.timeout is None:
                         outcome = resolve(await handler.func(argument, context))
+                    else:
+                        outcome = await self._call_with_timeout(handler, argument, context)
                 except Outcome as raised:
                     outcome = raised
-                except TimeoutError as error:
-                    # Only the registered timeout becomes HandlerTimeout; a TimeoutError the
-                    # handler raised itself stays what it is.
-                    if not deadline.expired():
-                        raise
-                    raise HandlerTimeout(f"handler ran longer than its {handler.timeout:g}s timeout") from error
             except Exception as error:  # noqa: BLE001 - every handler failure becomes an outcome
                 span.failed(error)
                 return self._failed(ids, error)
             finally:
                 duration = time.perf_counter() - started
-                self.metrics.duration.labels(ids.topic, ids.name).observe(duration)
-                heartbeat.cancel()
+                metrics.duration.observe(duration)
             span.set("eventrails.outcome", outcome.kind)
 
         if isinstance(outcome, Retry) and ids.delivery >= self._settings.max_deliver:
@@ -518,6 +686,19 @@ class Dispatcher:
         if isinstance(outcome, DeadLetter):
             return _Verdict(outcome, "DeadLetter", outcome.reason, duration)
         return _Verdict(outcome, duration=duration)
+
+    @staticmethod
+    async def _call_with_timeout(handler: Handler, argument: Any, context: Context) -> Outcome:
+        deadline = asyncio.timeout(handler.timeout)
+        try:
+            async with deadline:
+                return resolve(await handler.func(argument, context))
+        except TimeoutError as error:
+            # Only the registered timeout becomes HandlerTimeout; a TimeoutError the
+            # handler raised itself stays what it is.
+            if not deadline.expired():
+                raise
+            raise HandlerTimeout(f"handler ran longer than its {handler.timeout:g}s timeout") from error
 
     def _failed(self, ids: _Ids, error: BaseException) -> _Verdict:
         """Retry an unexpected failure with the backoff delay, or dead-letter it after maxDeliver."""
@@ -546,12 +727,18 @@ class Dispatcher:
 
     # --- settling ------------------------------------------------------------------------
 
-    async def _settle(self, msg: Msg, ids: _Ids, verdict: _Verdict) -> None:
+    async def _settle(self, msg: Msg, ids: _Ids, verdict: _Verdict, metrics: NameMetrics) -> None:
         outcome = verdict.outcome
         kind = outcome.kind
         if isinstance(outcome, Done):
-            await self._settle_quietly(msg.ack(), ids, "ack")
-            logger.info("%s: done in %.3fs; acknowledged", ids, verdict.duration)
+            # A plain ack is a publish: it is on its way once written, and the handler's
+            # outcome does not wait for the server's word (see docs/runtime.md).
+            try:
+                await msg.ack()
+            except Exception as error:  # noqa: BLE001 - the server redelivers after the ack wait
+                self._settle_failed(ids, "ack", error)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s: done in %.3fs; acknowledged", ids, verdict.duration)
         elif isinstance(outcome, Retry):
             delay = outcome.delay if outcome.delay is not None else backoff_delay(self._settings.backoff, ids.delivery)
             outcome = Retry(delay, outcome.reason)
@@ -565,28 +752,32 @@ class Dispatcher:
             await self._settle_quietly(msg.ack(), ids, "ack")
             logger.info("%s: skipped (%s); acknowledged", ids, outcome.reason)
         else:
-            kind = await self._dead_letter(msg, ids, verdict)
-        self.metrics.outcomes.labels(ids.topic, ids.name, kind).inc()
-        await self._announce(ids, kind, outcome.reason)
+            kind = await self._dead_letter(msg, ids, verdict, metrics)
+        metrics.outcome(kind)
+        if self._settings.publish_outcomes:
+            await self._announce(ids, kind, outcome.reason)
 
     async def _settle_quietly(self, settling: Any, ids: _Ids, action: str) -> bool:
         try:
             await settling
         except Exception as error:  # noqa: BLE001 - the server redelivers after the ack wait
-            logger.warning(
-                "%s: could not %s (%s: %s); the server redelivers it after the ack wait of %.0fs",
-                ids, action, type(error).__name__, error, self._settings.ack_wait,
-            )
+            self._settle_failed(ids, action, error)
             return False
         return True
 
-    async def _dead_letter(self, msg: Msg, ids: _Ids, verdict: _Verdict) -> str:
+    def _settle_failed(self, ids: _Ids, action: str, error: Exception) -> None:
+        logger.warning(
+            "%s: could not %s (%s: %s); the server redelivers it after the ack wait of %.0fs",
+            ids, action, type(error).__name__, error, self._settings.ack_wait,
+        )
+
+    async def _dead_letter(self, msg: Msg, ids: _Ids, verdict: _Verdict, metrics: NameMetrics) -> str:
         """Move the message to the dead-letter stream and ack it; return the outcome kind applied."""
         settings = self._settings
         reason = verdict.outcome.reason
         if not settings.dead_letter:
             await self._settle_quietly(msg.term(), ids, "terminate")
-            self.metrics.dead_lettered.labels(ids.topic, ids.name).inc()
+            metrics.dead_lettered.inc()
             logger.warning(
                 "%s: terminated without a dead-letter copy (topic %s has no dead-letter stream): %s; %s",
                 ids, ids.topic, reason, verdict.error,
@@ -623,7 +814,7 @@ class Dispatcher:
             return "retry"
 
         await self._settle_quietly(msg.ack(), ids, "ack")
-        self.metrics.dead_lettered.labels(ids.topic, ids.name).inc()
+        metrics.dead_lettered.inc()
         logger.warning(
             "%s: dead-lettered to stream %s seq %d%s: %s%s",
             ids, ack.stream, ack.seq, " (already there)" if ack.duplicate else "", reason,
@@ -651,32 +842,25 @@ class Dispatcher:
         """Let in-flight handlers finish within the drain timeout and hand back the rest."""
         self._draining = True
         self.metrics.ready.set(0)
+        # Delivered but never started: handed back with the late deliveries below.
+        self._late.extend(self._backlog)
+        self._backlog.clear()
         unfinished: set[asyncio.Task[None]] = set()
-        if self._in_flight:
+        if self._running:
             logger.info(
                 "waiting up to %.0fs for %d in-flight handler(s) to finish",
-                self._settings.drain_timeout, len(self._in_flight),
+                self._settings.drain_timeout, len(self._running),
             )
-            _, unfinished = await asyncio.wait(set(self._in_flight), timeout=self._settings.drain_timeout)
+            _, unfinished = await asyncio.wait(set(self._running), timeout=self._settings.drain_timeout)
 
-        # A fetch that was under way when the stop came still delivers until it expires.
+        # A pull that was under way when the stop came still delivers until it expires.
         # No handler runs for those messages, so they go back at once. The handlers cut
-        # short are handed back after that, or the fetch would take their messages back.
-        fetch, self._pending_fetch = self._pending_fetch, None
-        if fetch is not None:
-            if not fetch.done():
-                logger.info("waiting up to %.1fs for the fetch under way to return", self._fetch_timeout)
-            try:
-                leftovers = await asyncio.wait_for(fetch, timeout=self._fetch_timeout + 1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                leftovers = []
-            except Exception as error:  # noqa: BLE001 - a failed fetch brought nothing to hand back
-                logger.warning("the last fetch from consumer %s failed while draining: %s", self._consumer, error)
-                leftovers = []
-            for msg in leftovers:
-                await self._settle_quietly(msg.nak(), self._ids(msg), "nak")
-            if leftovers:
-                logger.info("handed back %d fetched but unhandled message(s) with a nak", len(leftovers))
+        # short are handed back after that, or the pull would take their messages back.
+        leftovers = await self._end_pulls()
+        for msg in leftovers:
+            await self._settle_quietly(msg.nak(), self._ids(msg), "nak")
+        if leftovers:
+            logger.info("handed back %d fetched but unhandled message(s) with a nak", len(leftovers))
 
         unfinished = {task for task in unfinished if not task.done()}
         for task in unfinished:
@@ -691,3 +875,33 @@ class Dispatcher:
             except Exception as error:  # noqa: BLE001 - the server redelivers whatever was not settled
                 logger.warning("flushing acknowledgements before stopping failed: %s", error)
         logger.info("stopped consuming %s on stream %s", self._consumer, self._stream)
+
+    async def _end_pulls(self) -> list[Msg]:
+        """Wait for the pull requests still open to end; return the messages they brought meanwhile."""
+        fetch, self._pending_fetch = self._pending_fetch, None
+        if fetch is not None:
+            if not fetch.done():
+                logger.info("waiting up to %.1fs for the fetch under way to return", self._fetch_timeout)
+            try:
+                self._late.extend(await asyncio.wait_for(fetch, timeout=self._fetch_timeout + 1.0))
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                pass
+            except Exception as error:  # noqa: BLE001 - a failed fetch brought nothing to hand back
+                logger.warning("the last fetch from consumer %s failed while draining: %s", self._consumer, error)
+        if self._streaming and self._requested and self._subscription is not None:
+            loop = asyncio.get_running_loop()
+            give_up = loop.time() + self._fetch_timeout + _PULL_GRACE
+            # The pull expires on the server after the fetch timeout; the grace is for its word to arrive.
+            logger.info(
+                "waiting up to %.1fs for the fetch under way to return (%d message(s) asked for)",
+                self._fetch_timeout, self._requested,
+            )
+            while self._requested and loop.time() < give_up:
+                await self._wait(give_up - loop.time())
+        late, self._late = self._late, []
+        return late
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

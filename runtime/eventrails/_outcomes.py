@@ -86,13 +86,17 @@ class DeadLetter(Outcome):
         super().__init__(reason)
 
 
+# What a handler that returns None stands for; shared, since it is only read, never raised.
+_DONE = Done()
+
+
 def resolve(result: object) -> Outcome:
     """Return the outcome a handler's return value stands for.
 
     Raises TypeError for anything other than None or an Outcome, which is a bug in the handler.
     """
     if result is None:
-        return Done()
+        return _DONE
     if isinstance(result, Outcome):
         return result
     raise TypeError(

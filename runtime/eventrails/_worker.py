@@ -18,6 +18,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
@@ -67,17 +68,29 @@ class Context:
     delivery: int
     headers: Mapping[str, str]
     publisher: Publisher
-    logger: logging.LoggerAdapter = field(repr=False)  # type: ignore[type-arg]
+    logger_name: str = field(default="eventrails.handler", repr=False)
+    _logger: logging.LoggerAdapter | None = field(default=None, repr=False, compare=False)  # type: ignore[type-arg]
+
+    @property
+    def logger(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        # Built on first use: most handlers never log, and the dispatcher makes a Context per message.
+        if self._logger is None:
+            ids = {
+                "topic": self.topic, "name": self.name, "msg_id": self.msg_id, "stream_seq": self.stream_seq,
+                "delivery": self.delivery,
+            }
+            self._logger = _ContextLogger(logging.getLogger(self.logger_name), ids)
+        return self._logger
 
     @classmethod
     def create(
         cls, *, msg_id: str, name: str, topic: str, subject: str, stream_seq: int, delivery: int,
         headers: Mapping[str, str], publisher: Publisher, logger_name: str = "eventrails.handler",
     ) -> Context:
-        ids = {"topic": topic, "name": name, "msg_id": msg_id, "stream_seq": stream_seq, "delivery": delivery}
         return cls(
             msg_id=msg_id, name=name, topic=topic, subject=subject, stream_seq=stream_seq, delivery=delivery,
-            headers=dict(headers), publisher=publisher, logger=_ContextLogger(logging.getLogger(logger_name), ids),
+            headers=MappingProxyType(headers) if isinstance(headers, dict) else dict(headers), publisher=publisher,
+            logger_name=logger_name,
         )
 
 
