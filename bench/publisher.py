@@ -6,7 +6,9 @@ machine's state; the stream is purged before each.
 
     js.publish             nats-py, one message at a time (awaits each PubAck)
     enqueue                eventrails, one at a time
-    js.publish_async       nats-py, up to 256 PubAcks pending
+    js.publish_async       nats-py, up to 256 PubAcks pending, with a message id only, and again
+                           with the headers eventrails sends (name, publish time, tenancy keys,
+                           expected stream)
     enqueue_many           eventrails, one call for the whole run, up to 256 PubAcks pending
     enqueue x64            eventrails, 64 concurrent callers of enqueue
     nats bench             `nats bench js pub async --batch 256` (natscli, Go): the server's limit
@@ -77,6 +79,21 @@ async def raw_publish_async(nc: NATS, count: int) -> None:
     await asyncio.gather(*futures)
 
 
+async def raw_publish_async_headers(nc: NATS, count: int) -> None:
+    """publish_async with the headers eventrails sends, to tell eventrails' own cost from the headers'."""
+    js = nc.jetstream(publish_async_max_pending=PENDING)
+    body, next_id = encode(payload()), _ids()
+    headers = {
+        "Eventrails-Name": TASK, "Eventrails-Published-At": "2026-01-01T00:00:00.000+00:00",
+        "Eventrails-Organization-Id": "org_1", "Eventrails-Project-Id": "prj_1",
+    }
+    futures = [
+        await js.publish_async(SUBJECT, body, stream=STREAM, headers={"Nats-Msg-Id": next_id(), **headers})
+        for _ in range(count)
+    ]
+    await asyncio.gather(*futures)
+
+
 async def eventrails_enqueue(nc: NATS, count: int) -> None:
     publisher = Publisher(nc, NatsSettings(namespace=NAMESPACE))
     data = payload()
@@ -113,6 +130,7 @@ def summarize(title: str, results: dict[str, list[float]], baseline: str, unit: 
 
 SEQUENTIAL = "nats-py js.publish, one at a time"
 PIPELINED = f"nats-py js.publish_async, {PENDING} pending"
+PIPELINED_HEADERS = f"nats-py js.publish_async, {PENDING} pending, eventrails' headers"
 NATS_BENCH = f"nats bench js pub async, batch {PENDING} (natscli, Go)"
 
 # Name, function, share of --messages it sends (one-at-a-time variants are slower).
@@ -120,6 +138,7 @@ VARIANTS: list[tuple[str, Callable[[NATS, int], Awaitable[None]], float]] = [
     (SEQUENTIAL, raw_publish, 0.25),
     ("eventrails enqueue, one at a time", eventrails_enqueue, 0.25),
     (PIPELINED, raw_publish_async, 1.0),
+    (PIPELINED_HEADERS, raw_publish_async_headers, 1.0),
     (f"eventrails enqueue_many, {PENDING} pending", eventrails_enqueue_many, 1.0),
     (f"eventrails enqueue, {CALLERS} concurrent callers", eventrails_enqueue_concurrent, 1.0),
 ]
@@ -159,6 +178,9 @@ async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
     for name, _, share in variants:
         if name.startswith("eventrails"):
             table.compare(name, SEQUENTIAL if share < 1 else PIPELINED)
+    for name, _, share in variants:
+        if name.startswith("eventrails") and share == 1:
+            table.compare(name, PIPELINED_HEADERS)
     for name, _, share in variants:
         if name.startswith("eventrails") and share == 1 and NATS_BENCH in table.rows:
             table.compare(name, NATS_BENCH)

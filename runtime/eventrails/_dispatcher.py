@@ -24,8 +24,9 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import pydantic
@@ -44,6 +45,8 @@ from eventrails._settings import WorkerSettings
 from eventrails._worker import Context, Handler, Worker
 
 logger = logging.getLogger("eventrails.dispatcher")
+
+T = TypeVar("T")
 
 # Headers a dead-lettered message carries besides the original ones.
 DLQ_REASON_HEADER = "Eventrails-Dlq-Reason"
@@ -186,13 +189,14 @@ class Dispatcher:
         self._beats: asyncio.TimerHandle | None = None
         self._beating: set[asyncio.Task[None]] = set()
 
-        # The pull protocol of a nats-py client (see _consume_stream): messages asked for
-        # and not yet delivered, deliveries after the stop, and what the server last said.
+        # The pull protocol of a nats-py client (see _consume_stream): messages requested
+        # and not yet delivered, deliveries after the stop, and the last problem reported.
         self._streaming = isinstance(nc, NATS)
         api = f"$JS.{settings.jetstream_domain}.API" if settings.jetstream_domain else "$JS.API"
         self._next_subject = f"{api}.CONSUMER.MSG.NEXT.{self._stream}.{self._consumer}"
         self._requested = 0
         self._heard_at = 0.0
+        self._delivered = 0
         self._late: list[Msg] = []
         self._pull_problem: str | None = None
         self._names: dict[str, NameMetrics] = {}
@@ -350,13 +354,14 @@ class Dispatcher:
         Used with a nats-py client. Pull requests go straight to the consumer's next-message
         subject with an inbox of the dispatcher's own, and deliveries start handlers from the
         inbox's callback. So a request is on the server while handlers run, and its messages
-        arrive while others finish; nats-py's ``fetch`` waits for each batch and takes one
-        queue read with its own timer per message. A request asks for all slots that are
-        free and not yet asked for; a new one goes out once a quarter of the slots (or all
-        of them) are free. ``_requested`` counts messages asked for and not yet delivered:
-        deliveries lower it, and so does the server's 408 when a request expires (it says
-        how many the request still had open). Returns when stopped, or when the consumer is
-        gone (after unbinding).
+        arrive while others finish. nats-py's ``fetch``, by contrast, waits for each batch
+        and spends a queue read with its own timer on every message.
+
+        A request covers every free slot not yet requested. A new one goes out once a
+        quarter of the slots (or all of them) are free. ``_requested`` counts messages
+        requested and not yet delivered: deliveries lower it, and so does the server's 408
+        when a request expires, which carries the number the request still had open.
+        Returns when stopped, or after unbinding when the consumer is gone.
         """
         nc = self._nc
         loop = asyncio.get_running_loop()
@@ -380,10 +385,13 @@ class Dispatcher:
                     self._requested += free
 
             if self._pull_problem is None:
+                delivered = self._delivered
                 woken = await self._wait(lifetime)
+                if delivered != self._delivered:
+                    self._heard_at = loop.time()
                 if not woken and self._requested and loop.time() - self._heard_at >= lifetime:
-                    # The server said nothing about the open requests for longer than they
-                    # live: they were lost (a reconnect, say), so ask again.
+                    # No message or status arrived for longer than a request lives, so the
+                    # open requests were lost (in a reconnect, for example): request again.
                     logger.debug(
                         "no word on %d requested message(s) from consumer %s for %.1fs; asking again",
                         self._requested, self._consumer, lifetime,
@@ -411,10 +419,11 @@ class Dispatcher:
 
     async def _on_delivery(self, msg: Msg) -> None:
         """Start the handler of a delivered message, or take note of a status from the server."""
-        self._heard_at = asyncio.get_running_loop().time()
         if not msg.reply:
+            self._heard_at = asyncio.get_running_loop().time()
             self._on_status(msg)
             return
+        self._delivered += 1
         if self._requested:
             self._requested -= 1
         if self._stopping.is_set():
@@ -433,10 +442,11 @@ class Dispatcher:
             self._requested = max(self._requested - int(pending), 0)
         else:
             self._requested = 0
-        if status not in ("404", "408"):
-            # 409 (consumer deleted, leadership change, a request over a limit) or 503 (no
-            # responders: the consumer or JetStream is not there).
-            description = headers.get("Description", "")
+        if status == "503":
+            self._pull_problem = "no responders (status 503): the consumer or JetStream is not available"
+        elif status not in ("404", "408"):
+            # 409: the consumer was deleted, its leader changed, or a request broke a limit.
+            description = (headers.get("Description") or "").strip().split("\n")[0]
             self._pull_problem = f"status {status} {description}".strip()
         self._wake()
 
@@ -630,7 +640,8 @@ class Dispatcher:
 
         # Poison input can never succeed, so it skips the retries.
         try:
-            payload = json.loads(msg.data)
+            # Decoding first spares json.loads its detection of the byte encoding.
+            payload = json.loads(msg.data.decode())
         except ValueError as error:
             return _Verdict(DeadLetter("payload is not valid JSON"), type(error).__name__, str(error))
         if not isinstance(payload, dict):
@@ -732,7 +743,7 @@ class Dispatcher:
         kind = outcome.kind
         if isinstance(outcome, Done):
             # A plain ack is a publish: it is on its way once written, and the handler's
-            # outcome does not wait for the server's word (see docs/runtime.md).
+            # outcome does not wait for the server's word (see docs/benchmarks.md).
             try:
                 await msg.ack()
             except Exception as error:  # noqa: BLE001 - the server redelivers after the ack wait
@@ -900,6 +911,19 @@ class Dispatcher:
                 await self._wait(give_up - loop.time())
         late, self._late = self._late, []
         return late
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on uvloop when it is installed (the ``uvloop`` extra), else on asyncio's loop.
+
+    uvloop's transports and scheduling in C shorten the dispatch of every message; see
+    docs/benchmarks.md for the difference on one machine.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:

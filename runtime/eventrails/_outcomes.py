@@ -86,7 +86,8 @@ class DeadLetter(Outcome):
         super().__init__(reason)
 
 
-# What a handler that returns None stands for; shared, since it is only read, never raised.
+# The outcome of a handler that returns None. One instance serves every message, since the
+# dispatcher only reads it and never raises it.
 _DONE = Done()
 
 

@@ -53,7 +53,7 @@ EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 NAME_HEADER = "Eventrails-Name"
 PUBLISHED_AT_HEADER = "Eventrails-Published-At"
 
-# PubAcks awaited at once by enqueue_many unless told otherwise.
+# PubAcks that enqueue_many awaits at once by default.
 DEFAULT_MAX_PENDING = 256
 
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
@@ -130,9 +130,9 @@ class PublishIncomplete(NatsError):
 class _MessageIds:
     """Message ids: 32 hex digits, a random prefix of this process and a counter.
 
-    Cheaper than a uuid4 per message (no system call) and as unique: the prefix carries 80
-    random bits, and a forked child draws a new one, so parent and child never share ids
-    (JetStream would drop the second of two messages with one id as a duplicate).
+    They cost less than a uuid4 per message (no system call) and are as unique. The prefix
+    carries 80 random bits, and a forked child draws a new one, so parent and child never
+    share ids: JetStream would drop the second of two messages with one id as a duplicate.
     """
 
     def __init__(self) -> None:
@@ -467,8 +467,11 @@ class Publisher:
                     )
                     continue
                 outgoing = outgoings[index]
-                headers = {**outgoing.headers, EXPECTED_STREAM_HEADER: outgoing.stream}
-                await collector.wait_below(max_pending)
+                # The headers were built for this call alone, so they take the expected stream in place.
+                headers = outgoing.headers
+                headers[EXPECTED_STREAM_HEADER] = outgoing.stream
+                if collector.pending >= max_pending:
+                    await collector.wait_below(max_pending)
                 collector.pending += 1
                 try:
                     await inbox.send(outgoing.destination, outgoing.body, headers, timeout, collector, index)
@@ -595,8 +598,8 @@ async def publish_with_retry(
 
     Callers always set ``Nats-Msg-Id``, so a retry of a message that was stored after all
     comes back as a duplicate instead of a second copy. ``stream`` makes the server refuse
-    the message if its subject belongs to another stream. Retries as ``_retrying`` says;
-    ``description`` names the message and subject in the error and in the logs.
+    the message if its subject belongs to another stream. Retries as ``_retrying``
+    describes. ``description`` names the message and subject in the error and in the logs.
     """
 
     async def attempt(timeout: float) -> PubAck:
@@ -644,7 +647,7 @@ async def _retrying(
             pause = min(pause * 2, 2.0)
 
 
-# What a PubAck says: the stream, its sequence, and whether the message was a duplicate.
+# The content of a PubAck: the stream, its sequence, and whether the message was a duplicate.
 _Ack = tuple[str, int, bool]
 
 

@@ -11,10 +11,10 @@ Without an OpenTelemetry SDK the API's spans record nothing but still carry the 
 context, so the ids travel on unchanged. Without opentelemetry-api every function here
 does nothing.
 
-Both functions run once per message, so they skip the API entirely when it could not
-change anything: no SDK is installed (spans would record nothing) and there is no
-context to pass on (the publisher's current context is empty, or the message carries
-none of the propagator's headers). That check costs a few attribute lookups; a span
+Both functions run once per message, so they skip the API when it could not change
+anything. That is when no SDK is installed (spans would record nothing) and there is no
+context to pass on: the publisher's current context is empty, or the message carries
+none of the propagator's headers. That check costs a few attribute lookups; a span
 from the API's no-op implementation costs several microseconds.
 """
 
@@ -51,8 +51,8 @@ _tracer: tuple[Any, Any] | None = None
 _RECHECK_AFTER = 1.0
 _recording_checked: tuple[float, bool] = (-_RECHECK_AFTER, False)
 
-# The header names the global propagator reads, by propagator.
-_fields: tuple[Any, frozenset[str]] | None = None
+# The header names the global propagator reads, looked up again once a second.
+_fields: tuple[float, frozenset[str]] | None = None
 
 
 def _recording() -> bool:
@@ -90,7 +90,7 @@ class SpanHandle:
             self._span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-# What both functions return when there is nothing to trace.
+# The context manager both functions return when there is nothing to trace.
 _NO_SPAN = contextlib.nullcontext(SpanHandle())
 
 
@@ -156,7 +156,7 @@ def _carries_context(headers: Mapping[str, str]) -> bool:
     global _fields
     if not headers:
         return False
-    propagator = propagate.get_global_textmap()
-    if _fields is None or _fields[0] is not propagator:
-        _fields = (propagator, frozenset(propagator.fields))
+    now = time.monotonic()
+    if _fields is None or now - _fields[0] >= _RECHECK_AFTER:
+        _fields = (now, frozenset(propagate.get_global_textmap().fields))
     return any(field in headers for field in _fields[1])

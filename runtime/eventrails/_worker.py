@@ -51,7 +51,7 @@ class _ContextLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"{prefix} {msg}", kwargs
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """The ids and headers of the message a handler handles, and a publisher for downstream work.
 

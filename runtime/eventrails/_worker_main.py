@@ -22,7 +22,7 @@ from typing import Any
 import pydantic
 
 from eventrails._connect import connect
-from eventrails._dispatcher import Dispatcher
+from eventrails._dispatcher import Dispatcher, run_event_loop
 from eventrails._errors import ConfigurationError
 from eventrails._health import HealthServer
 from eventrails._metrics import Metrics
@@ -107,7 +107,7 @@ def run_worker(handler: str | None) -> int:
             )
         worker = load_worker(reference)
         settings = settings.model_copy(update={"handler": reference})
-        return asyncio.run(_serve(worker, settings))
+        return run_event_loop(_serve(worker, settings))
     except ConfigurationError as error:
         logger.error("worker cannot start: %s", error)
         return EXIT_CONFIGURATION
