@@ -127,17 +127,21 @@ async def faststream_run(url: str, count: int, watch: Any) -> float:
     return await peers_faststream.consume(url, count, 64, watch)
 
 
-async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
+async def main(messages: int, runs: int, loop: str, write: bool, only: str | None = None) -> Table:
     logging.getLogger("eventrails").setLevel(logging.WARNING)
     server = start_server()
     table = Table(f"Dispatcher throughput, no-op handler, {messages:,} messages of 100 B per run, {loop} loop", "msg/s")
-    baseline = "nats-py fetch(100) + ack"
+    baseline, faststream = "nats-py fetch(100) + ack", "FastStream pull subscriber, batch 64"
+    natsbench = "nats bench js consume (natscli, Go)"
     variants: dict[str, Any] = {
         baseline: lambda nc: raw_loop(server.url, messages),
-        "FastStream pull subscriber, batch 64": lambda nc: faststream_run(server.url, messages, nc),
+        faststream: lambda nc: faststream_run(server.url, messages, nc),
         "eventrails Dispatcher, concurrency 16": lambda nc: dispatcher_run(server.url, messages, 16),
         "eventrails Dispatcher, concurrency 64": lambda nc: dispatcher_run(server.url, messages, 64),
     }
+    if only:
+        variants = {name: variant for name, variant in variants.items() if only in name}
+
     try:
         nc = await client(server)
         await apply(nc, server)
@@ -149,7 +153,9 @@ async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
                 elapsed = await variant(nc)
                 if round_index:
                     table.add(name, messages / elapsed)
-            if natscli() is not None:
+
+            # natscli's consumer runs in its own process, on the same consumer and messages.
+            if natscli() is not None and not only:
                 await fresh_consumer(nc, server)
                 await fill(nc, messages)
                 rate = nats_bench(
@@ -158,20 +164,19 @@ async def main(messages: int, runs: int, loop: str, write: bool) -> Table:
                 )
                 await drained(nc)
                 if round_index:
-                    table.add("nats bench js consume (natscli, Go)", rate)
+                    table.add(natsbench, rate)
         await nc.close()
     finally:
         server.cleanup()
-    natsbench = "nats bench js consume (natscli, Go)"
+
     for name in table.rows:
         if name.startswith("eventrails"):
-            table.compare(name, "FastStream pull subscriber, batch 64")
+            table.compare(name, faststream)
             table.compare(name, baseline)
-            if natsbench in table.rows:
-                table.compare(name, natsbench)
+            table.compare(name, natsbench)
     table.print()
     print(f"load average before {load_before}, after {load()}")
-    if write:
+    if write and not only:
         write_section(f"dispatcher-{loop}", f"{table.markdown()}\n\nLoad average (1, 5, 15 min) before the runs "
                       f"{load_before}, after {load()}.")
     return table
@@ -183,5 +188,6 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--loop", choices=loop_choices(), default="asyncio")
     parser.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    parser.add_argument("--only", help="run only the variants whose name contains this text (for profiling)")
     arguments = parser.parse_args()
-    run(main(arguments.messages, arguments.runs, arguments.loop, arguments.write), arguments.loop)
+    run(main(arguments.messages, arguments.runs, arguments.loop, arguments.write, arguments.only), arguments.loop)

@@ -383,17 +383,19 @@ class Dispatcher:
                     self._pull_problem = f"{type(error).__name__}: {error}"
                 else:
                     self._requested += free
+                    # A request's lifetime counts from here: only silence after it means it was lost.
+                    self._heard_at = loop.time()
 
             if self._pull_problem is None:
                 delivered = self._delivered
-                woken = await self._wait(lifetime)
+                await self._wait(lifetime)
                 if delivered != self._delivered:
                     self._heard_at = loop.time()
-                if not woken and self._requested and loop.time() - self._heard_at >= lifetime:
+                if self._requested and loop.time() - self._heard_at >= lifetime:
                     # No message or status arrived for longer than a request lives, so the
                     # open requests were lost (in a reconnect, for example): request again.
                     logger.debug(
-                        "no word on %d requested message(s) from consumer %s for %.1fs; asking again",
+                        "no message or status for %d requested message(s) from consumer %s in %.1fs; requesting again",
                         self._requested, self._consumer, lifetime,
                     )
                     self._requested = 0
@@ -429,6 +431,8 @@ class Dispatcher:
         if self._stopping.is_set():
             # Handed back once the open requests have ended (see _drain).
             self._late.append(msg)
+            if not self._requested:
+                self._wake()
             return
         self._start(msg)
 
@@ -505,7 +509,7 @@ class Dispatcher:
             stop_waiter.cancel()
 
     async def _wait(self, timeout: float) -> bool:
-        """Sleep until ``_wake`` (a slot freed, a status, a stop) or ``timeout``; tell whether woken."""
+        """Sleep until ``_wake`` (a slot freed, a status, a stop) or ``timeout``; return whether woken."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter

@@ -155,16 +155,18 @@ def new_msg_id() -> str:
     return _message_ids.next()
 
 
-# The publish time header changes once a millisecond; consecutive messages share the text.
-_stamp: tuple[int, str] = (0, "")
+# The publish time header, ISO 8601 in UTC to the millisecond: the text up to the seconds
+# is formatted once a second, and the milliseconds are appended per message.
+_second: tuple[int, str] = (-1, "")
 
 
 def _published_at() -> str:
-    global _stamp
+    global _second
     millis = int(time.time() * 1000)
-    if _stamp[0] != millis:
-        _stamp = (millis, datetime.fromtimestamp(millis / 1000, timezone.utc).isoformat(timespec="milliseconds"))
-    return _stamp[1]
+    seconds, fraction = divmod(millis, 1000)
+    if _second[0] != seconds:
+        _second = (seconds, datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{fraction:03d}+00:00"
 
 
 _tenancy_headers: dict[str, str] = {}
@@ -215,7 +217,8 @@ class Publisher:
     Transient failures (timeouts, no responders, a 503 during a leader election) are
     retried with backoff until ``publish_deadline`` seconds have passed. Every attempt
     carries the same message id, so JetStream stores the message once within its duplicate
-    window.
+    window. Concurrent calls share the connection pipelined, each awaiting its own PubAck;
+    ``enqueue_many`` sends a batch that way from one call.
     """
 
     def __init__(
@@ -330,13 +333,20 @@ class Publisher:
         if max_pending < 1:
             raise ConfigurationError(f"max_pending must be at least 1, got {max_pending!r}")
         contract = await self._checked_contract(topic, task, "tasks", scheduled=False)
+
+        # What build_outgoing does per message, with the parts shared by the batch taken once.
+        subject = _naming.subject(self._settings.subject_prefix, self._settings.namespace, topic, task)
+        header_keys = _header_keys(contract.required_keys)
+        published_at = _published_at()
         outgoings = []
         for payload, key in zip(payloads, keys, strict=True):
-            data = payload_object(task, payload)
+            # A dict is only read from here on, so it needs no copy.
+            data = payload if type(payload) is dict else payload_object(task, payload)
             contract.check_payload(task, data)
-            outgoings.append(build_outgoing(
-                contract, self._settings, task, encode_payload(task, data), data, dedupe_key=_key(task, "dedupe_key", key),
-            ))
+            msg_id = _key(task, "dedupe_key", key) or new_msg_id()
+            headers = {MSG_ID_HEADER: msg_id, NAME_HEADER: task, PUBLISHED_AT_HEADER: published_at}
+            _add_tenancy_headers(headers, data, header_keys)
+            outgoings.append(Outgoing(topic, task, subject, contract.stream, encode_payload(task, data), headers, msg_id))
         if not outgoings:
             return []
 
@@ -531,6 +541,13 @@ class Publisher:
 
 
 
+def _add_tenancy_headers(headers: dict[str, str], data: Mapping[str, Any], keys: tuple[tuple[str, str], ...]) -> None:
+    for key, header in keys:
+        value = data.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            headers[header] = str(value)
+
+
 def _copy_trace_headers(source: Mapping[str, str], target: dict[str, str]) -> None:
     for header in (_tracing.TRACEPARENT_HEADER, _tracing.TRACESTATE_HEADER, "baggage"):
         value = source.get(header)
@@ -572,10 +589,7 @@ def build_outgoing(
         NAME_HEADER: name,
         PUBLISHED_AT_HEADER: now.isoformat(timespec="milliseconds") if now is not None else _published_at(),
     }
-    for key, header in _header_keys(contract.required_keys):
-        value = data.get(key)
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
-            headers[header] = str(value)
+    _add_tenancy_headers(headers, data, _header_keys(contract.required_keys))
 
     if wait is None:
         return Outgoing(topic, name, subject, contract.stream, body, headers, msg_id)

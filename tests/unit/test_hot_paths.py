@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import datetime, timezone
 
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from eventrails import _tracing
 from eventrails._outcomes import Done, resolve
-from eventrails._publisher import new_msg_id
+from eventrails._publisher import _published_at, new_msg_id
 from eventrails._worker import Context
 
 
@@ -74,3 +75,10 @@ def test_context_logger_is_built_on_first_use() -> None:
     message, _ = context.logger.process("sending", {})
     assert message == "orders/send-email msg=id-1 seq=3 delivery=2: sending"
     assert context.logger is context.logger
+
+
+def test_publish_time_is_iso_utc_milliseconds() -> None:
+    stamp = _published_at()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp)
+    parsed = datetime.fromisoformat(stamp)
+    assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 1.0
