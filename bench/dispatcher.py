@@ -1,8 +1,9 @@
 """Dispatcher throughput: a no-op handler behind the eventrails Dispatcher against its peers.
 
 Each run stores the same 100-byte tasks in a workqueue stream (file storage) and times
-how long one consumer process takes to drain them: from the start of consuming until the
-stream is empty, which in a workqueue stream means JetStream has every acknowledgement.
+how long one consumer process takes to drain them. The clock runs from the start of
+consuming until the stream is empty, which in a workqueue stream means that JetStream
+has every acknowledgement.
 Every variant acks each message after its handler returned, on a fresh durable consumer.
 
     raw        nats-py fetch(100) and msg.ack() in a loop

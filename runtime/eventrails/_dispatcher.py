@@ -450,8 +450,8 @@ class Dispatcher:
             self._pull_problem = "no responders (status 503): the consumer or JetStream is not available"
         elif status not in ("404", "408"):
             # 409: the consumer was deleted, its leader changed, or a request broke a limit.
-            description = (headers.get("Description") or "").strip().split("\n")[0]
-            self._pull_problem = f"status {status} {description}".strip()
+            lines = (headers.get("Description") or "").strip().splitlines()
+            self._pull_problem = f"status {status} {lines[0]}" if lines else f"status {status}"
         self._wake()
 
     async def _consume_fetch(self) -> None:
