@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,20 @@ def database_path() -> Path:
 def connect(path: Path | None = None) -> sqlite3.Connection:
     """Open the database, creating the tables and sample rows when they are missing."""
     connection = sqlite3.connect(path or database_path(), timeout=10, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.executescript(_SCHEMA + _SAMPLE)
-    apply_outbox_schema(connection)  # the outbox table, written by app.signup and read by the relay
-    return connection
+    # Several processes open a new file at once. Switching it to WAL can fail with "database
+    # is locked" without waiting for the busy timeout, so the setup is tried again for a while.
+    for attempt in range(50):
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.executescript(_SCHEMA + _SAMPLE)
+            apply_outbox_schema(connection)  # the outbox table, written by app.signup and read by the relay
+            return connection
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or attempt == 49:
+                connection.close()
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def get_customer(connection: sqlite3.Connection, customer_id: str) -> Customer | None:

@@ -190,11 +190,13 @@ async def test_workers_handle_messages_and_stop_cleanly(stack: LocalStack, app_d
             "jobs", "send-email", {**TENANCY, "customerId": "cus-1", "template": "welcome"}, dedupe_key="welcome-cus-1",
         )
         deleted = await publisher.enqueue("jobs", "send-email", {**TENANCY, "customerId": "cus-3", "template": "welcome"})
+        # A retry may come first when the machine is busy; each message's last outcome counts.
         seen: dict[str, dict] = {}
         async with asyncio.timeout(30):
             while not {receipt.msg_id, deleted.msg_id} <= set(seen):
                 item = await announcements.get()
-                seen[item["msgId"]] = item
+                if item["outcome"] != "retry":
+                    seen[item["msgId"]] = item
     finally:
         await publisher.close()
         await nc.close()
