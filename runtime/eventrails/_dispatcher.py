@@ -908,7 +908,7 @@ class Dispatcher:
             give_up = loop.time() + self._fetch_timeout + _PULL_GRACE
             # The pull expires on the server after the fetch timeout; the grace is for its word to arrive.
             logger.info(
-                "waiting up to %.1fs for the fetch under way to return (%d message(s) asked for)",
+                "waiting up to %.1fs for the fetch under way to return (%d message(s) requested)",
                 self._fetch_timeout, self._requested,
             )
             while self._requested and loop.time() < give_up:

@@ -794,7 +794,8 @@ class _AckInbox:
             error = nats.js.errors.NoStreamResponseError()
         else:
             try:
-                reply = json.loads(msg.data)
+                # Decoding first spares json.loads its detection of the byte encoding.
+                reply = json.loads(msg.data.decode())
                 if "error" in reply:
                     nats.js.errors.APIError.from_error(reply["error"])  # raises the matching APIError
                 ack = (reply["stream"], reply["seq"], bool(reply.get("duplicate")))
