@@ -37,7 +37,7 @@ from eventrails._outbox import (
     outbox_ddl,
 )
 from eventrails._outcomes import DeadLetter, Done, Outcome, Retry, Skip
-from eventrails._publisher import PublishReceipt, Publisher
+from eventrails._publisher import PublishIncomplete, PublishReceipt, Publisher
 from eventrails._settings import NatsSettings, WorkerSettings
 from eventrails._worker import Context, Worker
 
@@ -66,6 +66,7 @@ __all__ = [
     "Outcome",
     "PayloadError",
     "PsycopgOutbox",
+    "PublishIncomplete",
     "PublishReceipt",
     "Publisher",
     "Retry",
