@@ -192,7 +192,7 @@ def _parse(body: Mapping[str, Any], expected: type[_R]) -> _R:
 
 @dataclass
 class _Attempt:
-    """What one reconcile learned before it failed: the parsed object, when it got that far."""
+    """State one reconcile reached before it failed: the parsed object, when it got that far."""
 
     resource: Topic | Consumer | EventBus | None = None
 
@@ -463,7 +463,7 @@ async def topic_deleted(
 
 
 def _contains(live: Any, desired: Any) -> bool:
-    """Whether ``live`` holds every value of ``desired`` (server defaults may add more)."""
+    """Return whether ``live`` contains every value of ``desired`` (server defaults may add more)."""
     if isinstance(desired, dict):
         return isinstance(live, dict) and all(key in live and _contains(live[key], value) for key, value in desired.items())
     if isinstance(desired, list):
@@ -502,7 +502,7 @@ def _digest(desired: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _Workers:
-    """What the Consumer's worker Deployment (and its scaler) look like after a reconcile."""
+    """Shape of the Consumer's worker Deployment (and its scaler) after a reconcile."""
 
     replicas: int | None
     scaling: str

@@ -72,7 +72,7 @@ class PublishReceipt(BaseModel):
 
     ``duplicate`` is true when JetStream had already stored a message with this id within
     the topic's duplicate window. ``seq`` is then the sequence of that earlier message.
-    For a delayed or debounced task ``due`` says when it is delivered, and ``seq`` is that
+    For a delayed or debounced task ``due`` is when it is delivered, and ``seq`` is that
     of the schedule message, which the server removes when the task lands on its subject.
     """
 

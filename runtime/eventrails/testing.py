@@ -1,7 +1,7 @@
 """Test helpers: an in-memory JetStream for tests without a server, and fixtures that start real ones.
 
-``InMemoryBroker`` stands in for nats-server, not for eventrails: the real ``Publisher``
-and ``Dispatcher`` run against it through a connection object that answers the few
+``InMemoryBroker`` replaces nats-server, not eventrails: the real ``Publisher``
+and ``Dispatcher`` run against it through a connection object that implements the few
 nats-py calls they make. So the contract checks, outcomes, backoff, dead-lettering and
 ids in an application's tests are the production code's, and only the server is
 simulated: duplicate window, workqueue and limits retention, pull consumers with ack

@@ -267,7 +267,7 @@ def kstatus(resource: dict[str, Any]) -> str:
     """The health Flux (and Argo CD with the check in docs/gitops.md) reads from a status, after kstatus.
 
     InProgress while the status describes an older generation or Reconciling is True; Failed
-    when Stalled is True; Current when Ready is True; InProgress otherwise. kstatus knows no
+    when Stalled is True; Current when Ready is True; InProgress otherwise. kstatus has no
     Degraded condition, so a permanently failed object stays InProgress (not Current).
     """
     status = resource.get("status") or {}

@@ -387,13 +387,16 @@ async def test_bad_input_is_reported_and_creates_nothing(
         await eventually(lambda: condition(live(api, TOPICS, "good")).get("status") == "True", "Topic good to be Ready")
 
         assert bad_task["reason"] == "InvalidSpec"
-        assert "spec.tasks[0]" in bad_task["message"] and "'Send_Email'" in bad_task["message"]
+        assert "spec.tasks[0]" in bad_task["message"]
+        assert "'Send_Email'" in bad_task["message"]
         assert "lower-kebab-case" in bad_task["message"]
         assert condition(live(api, TOPICS, "bad-task"), "Degraded")["status"] == "True"
         assert bad_retention["reason"] == "InvalidSpec"
-        assert "spec.retention" in bad_retention["message"] and "'forever'" in bad_retention["message"]
+        assert "spec.retention" in bad_retention["message"]
+        assert "'forever'" in bad_retention["message"]
         assert orphan["reason"] == "TopicNotFound"
-        assert "spec.topic" in orphan["message"] and "'later'" in orphan["message"]
+        assert "spec.topic" in orphan["message"]
+        assert "'later'" in orphan["message"]
         assert condition(live(api, CONSUMERS, "orphan"), "Reconciling")["status"] == "True"
 
         # Nothing was created in NATS for them, and no workers either.

@@ -127,7 +127,8 @@ async def test_create_then_in_sync_reconcile_sends_no_write(
     again_consumer = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
 
     assert again.ready and again_consumer.ready
-    assert again.writes == [] and again_consumer.writes == []
+    assert again.writes == []
+    assert again_consumer.writes == []
     assert await settle(nc, writes) == []
 
 
@@ -159,9 +160,11 @@ async def test_storage_change_is_immutable_and_leaves_the_stream(
     assert result.error.temporary is False
     ready = result.status["conditions"][0]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "ImmutableField")
-    assert "spec.storage" in ready["message"] and "memory" in ready["message"]
+    assert "spec.storage" in ready["message"]
+    assert "memory" in ready["message"]
     # The server judges the change, so the condition carries its error code.
-    assert result.error.err_code == 10052 and "err_code 10052" in ready["message"]
+    assert result.error.err_code == 10052
+    assert "err_code 10052" in ready["message"]
     assert enum_value((await jsm.stream_info("shop_orders")).config.storage) == "file"
     assert await settle(nc, writes) == ["$JS.API.STREAM.UPDATE.shop_orders"]
 
@@ -176,7 +179,8 @@ async def test_retention_from_workqueue_to_limits_is_rejected(
 
     assert result.error is not None
     assert (result.error.reason, result.error.field) == ("ImmutableField", "spec.retention")
-    assert "workqueue" in result.error.message and "limits" in result.error.message
+    assert "workqueue" in result.error.message
+    assert "limits" in result.error.message
     assert result.error.err_code == 10052
     assert enum_value((await jsm.stream_info("shop_orders")).config.retention) == "workqueue"
     assert await settle(nc, writes) == ["$JS.API.STREAM.UPDATE.shop_orders"]
@@ -214,7 +218,7 @@ async def test_removing_a_task_without_messages_is_applied(jsm: JetStreamManager
 async def test_server_rejected_change_carries_the_error_code(jsm: JetStreamManager, bus: BusConnection) -> None:
     await _reconcile.reconcile_topic(jsm, make_topic(), bus)
 
-    # A single server without clustering cannot keep three replicas; only the server knows that.
+    # A single server without clustering cannot keep three replicas, and only the server can tell.
     result = await _reconcile.reconcile_topic(jsm, make_topic(replicas=3), bus)
 
     assert result.error is not None
@@ -222,7 +226,8 @@ async def test_server_rejected_change_carries_the_error_code(jsm: JetStreamManag
     assert result.error.field == "spec.replicas"
     assert isinstance(result.error.err_code, int) and result.error.err_code > 10000
     message = result.status["conditions"][0]["message"]
-    assert f"err_code {result.error.err_code}" in message and "spec.replicas" in message
+    assert f"err_code {result.error.err_code}" in message
+    assert "spec.replicas" in message
     assert (await jsm.stream_info("shop_orders")).config.num_replicas == 1
 
 

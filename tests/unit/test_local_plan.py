@@ -106,9 +106,13 @@ def test_load_manifests_keeps_valid_and_reports_invalid(tmp_path: Path) -> None:
         ("Topic", "shop", "badly-named"), ("Topic", "other", "forever"), ("Topic", "shop", "jobs"), ("File", "", "c-broken.yml"),
     }
     bad_task = problems[("Topic", "shop", "badly-named")].message
-    assert "spec.tasks[0]" in bad_task and "'Send_Email'" in bad_task and "lower-kebab-case" in bad_task
+    assert "spec.tasks[0]" in bad_task
+    assert "'Send_Email'" in bad_task
+    assert "lower-kebab-case" in bad_task
     retention = problems[("Topic", "other", "forever")].message
-    assert "spec.retention" in retention and "'forever'" in retention and "workqueue" in retention
+    assert "spec.retention" in retention
+    assert "'forever'" in retention
+    assert "workqueue" in retention
     assert "already loaded" in problems[("Topic", "shop", "jobs")].message
     assert "invalid YAML" in problems[("File", "", "c-broken.yml")].message
     assert problems[("Topic", "shop", "badly-named")].source.startswith(str(tmp_path / "b-bad.yaml"))
@@ -132,7 +136,7 @@ def test_bus_named_default_gives_the_prefix_and_the_local_url() -> None:
     assert bus.servers == (URL,)
     assert bus.subject_prefix == "acme"
     assert bus.name == "default"
-    # A local server has no JetStream domain, whatever the cluster's bus says.
+    # A local server has no JetStream domain, whatever the cluster's bus sets.
     assert bus.jetstream_domain is None
 
 
@@ -145,7 +149,8 @@ def test_missing_explicit_bus_is_an_error_naming_the_field() -> None:
     with pytest.raises(ReconcileError) as caught:
         resolve_bus(_topic(bus="billing"), [_bus()], URL)
     assert caught.value.field == "spec.bus"
-    assert "'billing'" in caught.value.message and "'shop'" in caught.value.message
+    assert "'billing'" in caught.value.message
+    assert "'shop'" in caught.value.message
 
 
 def test_no_bus_falls_back_to_the_default_prefix() -> None:
@@ -197,7 +202,8 @@ def test_worker_env_is_the_deployment_env_plus_local_overrides(tmp_path: Path) -
     assert env["EVENTRAILS_HEALTH_HOST"] == "127.0.0.1"
     assert env["EVENTRAILS_HEALTH_PORT"] == "41234"
     assert "EVENTRAILS_NATS_PASSWORD" not in env
-    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/root"
+    assert env["PATH"] == "/usr/bin"
+    assert env["HOME"] == "/root"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "m"), str(tmp_path), "/existing"]
 
 
