@@ -16,6 +16,7 @@ import asyncio
 import functools
 import itertools
 import json
+import json.encoder
 import logging
 import os
 import random
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eventrails import _naming, _schedule, _tracing
+from eventrails._wire import Wire
 from eventrails._connect import connect
 from eventrails._contract import Contract, ContractCache
 from eventrails._errors import ConfigurationError, NatsError, PayloadError, is_temporary, translate
@@ -85,9 +87,13 @@ class PublishReceipt(BaseModel):
     due: datetime | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outgoing:
-    """One message ready to send: where it goes, what it carries, and its ids."""
+    """One message ready to send: where it goes, what it carries, and its ids.
+
+    Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, which
+    made building one cost more than encoding its payload.
+    """
 
     topic: str
     name: str
@@ -202,9 +208,31 @@ def payload_object(name: str, payload: object) -> dict[str, Any]:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+def _compact_encoder() -> Callable[[Any], str]:
+    """Return a function that encodes like ``_ENCODER.encode``.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, which costs more than
+    encoding a small payload. This one is built once. It has no check for circular
+    references, so a payload that contains itself fails with RecursionError instead of
+    ValueError.
+    """
+    make = json.encoder.c_make_encoder
+    if make is None:  # a Python built without the C accelerator
+        return _ENCODER.encode
+    encoder = make(
+        None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False,
+    )
+    return lambda payload: "".join(encoder(payload, 0))
+
+
+_encode = _compact_encoder()
+
+
 def encode_payload(name: str, payload: Mapping[str, Any]) -> bytes:
     try:
-        return _ENCODER.encode(payload).encode()
+        return _encode(payload).encode()
+    except RecursionError as error:
+        raise PayloadError(f"payload of {name!r} contains itself or nests too deeply; send IDs and plain values") from error
     except (TypeError, ValueError) as error:
         raise PayloadError(f"payload of {name!r} is not JSON-serialisable ({error}); send IDs and plain values") from error
 
@@ -718,11 +746,13 @@ class _AckInbox:
     semaphore per message. Here one subscription serves every publish of the publisher,
     the reply token is a counter, and one timer watches the timeouts of all messages in
     flight. Publishes from concurrent callers, and the messages of ``enqueue_many``,
-    travel pipelined on the connection, each waiting for its own PubAck.
+    travel pipelined on the connection, each waiting for its own PubAck. The commands
+    are written through ``Wire``, which encodes the headers in one step.
     """
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
+        self._wire = Wire.for_client(nc)
         self._prefix = ""
         self._subscribed = False
         self._lock = asyncio.Lock()
@@ -755,7 +785,10 @@ class _AckInbox:
                 timer.cancel()
             self._timer = loop.call_at(expires, self._expire)
         try:
-            await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
+            if self._wire is not None:
+                await self._wire.publish(subject, body, self._prefix + token, headers)
+            else:
+                await self._nc.publish(subject, body, reply=self._prefix + token, headers=headers)
         except BaseException:
             self._waiting.pop(token, None)
             raise

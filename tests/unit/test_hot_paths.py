@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from datetime import datetime, timezone
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from eventrails import _tracing
 from eventrails._outcomes import Done, resolve
-from eventrails._publisher import _published_at, new_msg_id
+from eventrails import PayloadError
+from eventrails._publisher import _published_at, encode_payload, new_msg_id
 from eventrails._worker import Context
 
 
@@ -82,3 +86,25 @@ def test_publish_time_is_iso_utc_milliseconds() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp)
     parsed = datetime.fromisoformat(stamp)
     assert abs((datetime.now(timezone.utc) - parsed).total_seconds()) < 1.0
+
+
+def test_payloads_encode_as_compact_json_does() -> None:
+    payloads = [
+        {},
+        {"organizationId": "org_1", "emailId": 7, "ratio": 0.25, "flags": [True, False, None]},
+        {"text": "caf\u00e9 \u2603 \"quoted\"\n", "nested": {"list": [{"a": 1}, [], {}]}, "big": 10**30},
+        {1: "int key", "tuple": (1, 2)},
+    ]
+    for payload in payloads:
+        assert encode_payload("send-email", payload) == json.dumps(payload, separators=(",", ":")).encode()
+
+
+def test_payloads_json_cannot_carry_are_refused() -> None:
+    circular: dict[str, object] = {}
+    circular["self"] = circular
+    with pytest.raises(PayloadError, match="contains itself"):
+        encode_payload("send-email", circular)
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload("send-email", {"ratio": math.nan})
+    with pytest.raises(PayloadError, match="not JSON-serialisable"):
+        encode_payload("send-email", {"when": object()})
