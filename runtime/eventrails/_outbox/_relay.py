@@ -2,7 +2,11 @@
 
 One cycle claims a batch of rows under a lease, publishes them concurrently with the row
 id as ``Nats-Msg-Id``, and marks those JetStream acknowledged as published. Nothing is
-marked without a PubAck. A relay that crashes after the PubAck and before the mark leaves
+marked without a PubAck. Cycles overlap: while one batch waits for its PubAcks and its
+mark, the loop claims and starts the next, up to ``_BATCHES_IN_FLIGHT`` batches at once.
+Rows claimed by a batch still in flight keep their lease, and the claim skips the later
+rows of an aggregate until the earlier one is marked, so overlapping never reorders an
+aggregate and never publishes a row twice. A relay that crashes after the PubAck and before the mark leaves
 the row claimed. Once the lease runs out, a relay publishes it again, JetStream drops the
 copy as a duplicate (within the topic's duplicate window), and the row is marked.
 
@@ -41,13 +45,13 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eventrails._durations import parse_duration
-from eventrails._errors import ConfigurationError, NatsUnavailable, PayloadError, is_temporary
+from eventrails._errors import ConfigurationError, NatsUnavailable, PayloadError, is_temporary, translate
 from eventrails._outbox import _trace
 from eventrails._outbox._contracts import is_event_name
 from eventrails._outbox._dberrors import describe
 from eventrails._outbox._port import DEFAULT_TABLE, TABLE_PATTERN
 from eventrails._outbox._store import ClaimedRow, RelayStore
-from eventrails._publisher import PublishReceipt, Publisher
+from eventrails._publisher import PublishIncomplete, PublishReceipt, Publisher
 from eventrails._settings import NatsSettings
 
 logger = logging.getLogger("eventrails.outbox")
@@ -57,6 +61,9 @@ _PAUSE_FIRST = 0.5
 _PAUSE_MAX = 30.0
 # How often a relay without a NATS connection looks whether the client has reconnected.
 _RECONNECT_CHECK = 0.1
+# Batches being published and marked at once: the next claim runs while the previous
+# batch waits for its PubAcks, so a row committed mid-batch does not wait for that batch.
+_BATCHES_IN_FLIGHT = 2
 _PUBLISH_DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -175,6 +182,8 @@ class OutboxRelay:
         self._database_ok = False
         self._next_stats = 0.0
         self._next_purge = 0.0
+        self._batches: set[asyncio.Task[None]] = set()
+        self._batch_error: BaseException | None = None
 
     @property
     def ready(self) -> bool:
@@ -216,7 +225,7 @@ class OutboxRelay:
 
                 self._wake.clear()
                 try:
-                    claimed = await self.run_once()
+                    claimed = await self._dispatch()
                     await self._housekeeping()
                 except Exception as error:  # noqa: BLE001 - the loop must outlive any database failure
                     self._database_ok = False
@@ -245,17 +254,57 @@ class OutboxRelay:
                     await self._wait_for_work()
         finally:
             self._stopping.set()
+            # The batches in flight finish their publishes and marks, each within the publish timeout.
+            if self._batches:
+                await asyncio.wait(self._batches)
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
             self.metrics.ready.set(0)
             logger.info("outbox relay %s stopped", self.relay_id)
 
+    async def _dispatch(self) -> int:
+        """Claim a batch and start relaying it in the background; return how many rows were claimed.
+
+        Waits first while ``_BATCHES_IN_FLIGHT`` batches are still in flight. Raises the
+        database error of a claim, or of a finished batch's mark, so the loop pauses.
+        """
+        while len(self._batches) >= _BATCHES_IN_FLIGHT:
+            await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
+        self._raise_batch_error()
+        rows = await self._claim()
+        if not rows:
+            return 0
+        task = asyncio.create_task(self._relay(rows), name="eventrails-outbox-batch")
+        self._batches.add(task)
+        task.add_done_callback(self._batch_finished)
+        return len(rows)
+
+    def _batch_finished(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            self._batch_error = self._batch_error or error
+            self._wake.set()
+
+    def _raise_batch_error(self) -> None:
+        error, self._batch_error = self._batch_error, None
+        if error is not None:
+            raise error
+
     async def run_once(self) -> int:
         """Claim one batch, publish it and record each row's result; return how many rows were claimed.
 
         Raises the database error when a statement fails; the rows stay claimed until their lease ends.
         """
+        rows = await self._claim()
+        if rows:
+            await self._relay(rows)
+        return len(rows)
+
+    async def _claim(self) -> list[ClaimedRow]:
         settings = self.settings
         rows = await self._store.claim(self.relay_id, settings.batch_size, settings.lease)
         self._database_ok = True
@@ -263,10 +312,13 @@ class OutboxRelay:
             if self._nats_away:
                 await self._check_nats()
             self._set_ready()
-            return 0
+            return rows
         logger.debug("outbox relay %s claimed %d row(s)", self.relay_id, len(rows))
+        return rows
 
-        results = await asyncio.gather(*(self._publish(row) for row in rows))
+    async def _relay(self, rows: list[ClaimedRow]) -> None:
+        """Publish claimed ``rows``, mark the acknowledged ones and record the failures of the others."""
+        results = await self._publish_all(rows)
 
         # Only rows with a PubAck are marked; the others get their failure recorded.
         acknowledged = [result for result in results if result.receipt is not None]
@@ -288,9 +340,71 @@ class OutboxRelay:
         for result in results:
             if result.error is not None and not self._is_outage(result.error):
                 await self._fail(result.row, result.error, reason="invalid" if self._is_permanent(result.error) else "publish")
-        return len(rows)
+        # The marks may have made the next rows of these aggregates claimable: claim again now.
+        if any(row.aggregate_key is not None for row in rows):
+            self._wake.set()
 
     # --- publishing ------------------------------------------------------------------------
+
+    async def _publish_all(self, rows: list[ClaimedRow]) -> list[_Result]:
+        """Publish ``rows`` and return one result per row, in the order of ``rows``.
+
+        Tasks go out pipelined, one ``enqueue_many`` per topic and task name. A row that
+        carries its writer's trace context, and a domain event, is published on its own,
+        so its publish continues that trace.
+        """
+        groups: dict[tuple[str, str], list[int]] = {}
+        alone: list[int] = []
+        for index, row in enumerate(rows):
+            if is_event_name(row.name) or _trace.carries_context(row.headers):
+                alone.append(index)
+            else:
+                groups.setdefault((row.topic, row.name), []).append(index)
+        results: list[_Result | None] = [None] * len(rows)
+        outcomes = await asyncio.gather(
+            *(self._publish_group([rows[index] for index in indexes]) for indexes in groups.values()),
+            *(self._publish_one(rows[index]) for index in alone),
+        )
+        for indexes, group_results in zip([*groups.values(), *([index] for index in alone)], outcomes, strict=True):
+            for index, result in zip(indexes, group_results, strict=True):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    async def _publish_group(self, rows: list[ClaimedRow]) -> list[_Result]:
+        """Publish task rows of one topic and task name with one ``enqueue_many``; return their results in order."""
+        first = rows[0]
+        try:
+            receipts: Sequence[PublishReceipt | None] = await self._publisher.enqueue_many(
+                first.topic, first.name, [row.payload for row in rows], dedupe_keys=[row.msg_id for row in rows],
+                max_pending=self.settings.concurrency,
+            )
+            missing: BaseException | None = None
+        except (PayloadError, ConfigurationError):
+            # enqueue_many checks every payload before sending any: find the rows at fault one by one.
+            return list(await asyncio.gather(*(self._publish(row) for row in rows)))
+        except PublishIncomplete as error:
+            # The receipts tell which rows were stored; the error is the first missing row's.
+            receipts, missing = error.receipts, translate(error.__cause__ or error, f"publishing {first.describe()}")
+        except Exception as error:  # noqa: BLE001 - every failure becomes the rows' outcome
+            return [_Result(row, error=error) for row in rows]
+
+        now = datetime.now(timezone.utc)
+        results = [_Result(row, receipt=receipt) for row, receipt in zip(rows, receipts, strict=True)]
+        for result in results:
+            if result.receipt is not None:
+                self.metrics.publish_delay.observe(max((now - result.row.created_at).total_seconds(), 0.0))
+            elif missing is not None and self._is_outage(missing):
+                # NATS stopped answering: the row is released without waiting another deadline.
+                result.error = missing
+            else:
+                # A rejection may concern one row only: each remaining row gets its own outcome.
+                # A row JetStream stored meanwhile comes back as a duplicate.
+                retried = await self._publish(result.row)
+                result.receipt, result.error = retried.receipt, retried.error
+        return results
+
+    async def _publish_one(self, row: ClaimedRow) -> list[_Result]:
+        return [await self._publish(row)]
 
     async def _publish(self, row: ClaimedRow) -> _Result:
         async with self._semaphore:

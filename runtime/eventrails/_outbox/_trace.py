@@ -14,13 +14,28 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from eventrails import _tracing
 
 
+# The global propagator and the lower-case names of its headers, computed again when an
+# application installs another propagator. A composite propagator builds its set of names
+# anew on every call, which the relay would otherwise pay once per row.
+_fields: tuple[object, frozenset[str]] | None = None
+
+
 def forwarded_headers() -> frozenset[str]:
     """Return the lower-case names of the headers the propagator reads (none without opentelemetry-api)."""
+    global _fields
     if not _tracing.enabled():
         return frozenset()
     from opentelemetry import propagate
 
-    return frozenset(field.lower() for field in propagate.get_global_textmap().fields)
+    textmap = propagate.get_global_textmap()
+    if _fields is None or _fields[0] is not textmap:
+        _fields = (textmap, frozenset(field.lower() for field in textmap.fields))
+    return _fields[1]
+
+
+def carries_context(headers: Mapping[str, str]) -> bool:
+    """Tell whether ``headers`` contain a trace context for the relay to publish in."""
+    return bool(headers) and _tracing.enabled() and any(key.lower() in forwarded_headers() for key in headers)
 
 
 def capture(headers: MutableMapping[str, str]) -> None:
@@ -35,7 +50,7 @@ def capture(headers: MutableMapping[str, str]) -> None:
 @contextlib.contextmanager
 def continuing(headers: Mapping[str, str]) -> Iterator[None]:
     """Run the block with the trace context stored in ``headers`` as the current one."""
-    if not _tracing.enabled() or not forwarded_headers() & {key.lower() for key in headers}:
+    if not carries_context(headers):
         yield
         return
     from opentelemetry import context, propagate
