@@ -84,7 +84,9 @@ class OutboxRelaySettings(BaseSettings):
     dsn: str = Field(default="", description="PostgreSQL URI or sqlite:///path of the database with the outbox table.")
     table: str = Field(default=DEFAULT_TABLE, pattern=f"^{TABLE_PATTERN}$", description="Outbox table name.")
     batch_size: int = Field(default=100, ge=1, le=10000, description="Rows claimed per cycle.")
-    concurrency: int = Field(default=64, ge=1, le=1024, description="Publishes in flight at once.")
+    concurrency: int = Field(
+        default=64, ge=1, le=1024, description="PubAcks awaited at once per topic and task of a batch.",
+    )
     lease: float = Field(default=30.0, gt=0, description="How long a claim lasts; a dead relay's rows wait this long.")
     poll_interval: float = Field(default=1.0, gt=0, description="Maximum wait between two claims when no notification arrives.")
     publish_timeout: float = Field(default=5.0, gt=0, description="Deadline of one publish, retries included.")
