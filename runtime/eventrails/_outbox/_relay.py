@@ -274,6 +274,8 @@ class OutboxRelay:
         while len(self._batches) >= _BATCHES_IN_FLIGHT:
             await asyncio.wait(self._batches, return_when=asyncio.FIRST_COMPLETED)
         self._raise_batch_error()
+        if self._stopping.is_set():
+            return 0
         rows = await self._claim()
         if not rows:
             return 0
