@@ -47,13 +47,9 @@ from _common import (
     run,
     start_server,
     stored,
-    topic,
     write_section,
 )
 from eventrails import NatsSettings, Publisher
-
-# bench/outbox_relay.py imports its setup from here.
-__all__ = ["NAMESPACE", "STREAM", "SUBJECT", "apply", "client", "payload", "start_server", "summarize", "topic"]
 
 PENDING = 256
 CALLERS = 64
@@ -117,15 +113,6 @@ async def eventrails_enqueue_concurrent(nc: NATS, count: int) -> None:
             await publisher.enqueue(TOPIC, TASK, data)
 
     await asyncio.gather(*(caller() for _ in range(CALLERS)))
-
-
-def summarize(title: str, results: dict[str, list[float]], baseline: str, unit: str = "msg/s") -> None:
-    """Print the median, minimum and maximum of each row and the ratio of medians against ``baseline``."""
-    table = Table(title, unit, {name: list(values) for name, values in results.items()})
-    for name in results:
-        if name != baseline:
-            table.compare(name, baseline)
-    table.print()
 
 
 SEQUENTIAL = "nats-py js.publish, one at a time"
