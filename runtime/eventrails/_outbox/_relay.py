@@ -6,9 +6,11 @@ marked without a PubAck. Cycles overlap: while one batch waits for its PubAcks a
 mark, the loop claims and starts the next, up to ``_BATCHES_IN_FLIGHT`` batches at once.
 Rows claimed by a batch still in flight keep their lease, and the claim skips the later
 rows of an aggregate until the earlier one is marked, so overlapping never reorders an
-aggregate and never publishes a row twice. A relay that crashes after the PubAck and before the mark leaves
-the row claimed. Once the lease runs out, a relay publishes it again, JetStream drops the
-copy as a duplicate (within the topic's duplicate window), and the row is marked.
+aggregate and never publishes a row twice.
+
+A relay that crashes after the PubAck and before the mark leaves the row claimed. Once
+the lease runs out, a relay publishes it again, JetStream drops the copy as a duplicate
+(within the topic's duplicate window), and the row is marked.
 
 What happens to a row that fails:
 
