@@ -239,7 +239,7 @@ async def main(messages: int, runs: int, loop: str, write: bool, only: str | Non
     cpu_table.print()
     print(f"load average before {load_before}, after {load()}")
     if write and not only:
-        write_section(f"dispatcher-{loop}", f"{table.markdown()}\n\n{cpu_table.markdown()}\n\nLoad average (1, 5, 15 "
+        write_section(f"dispatcher-{loop}", f"{table.markdown()}\n\n{cpu_table.title}:\n\n{cpu_table.markdown()}\n\nLoad average (1, 5, 15 "
                       f"min) before the runs {load_before}, after {load()}.")
     return table
 
