@@ -926,6 +926,10 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    # Outside the except block: an error raised while the loop runs would otherwise carry
+    # the ImportError as its context, and every traceback would open with it.
+    if uvloop is None:
         return asyncio.run(main)
     return uvloop.run(main)
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import sys
 from datetime import datetime, timezone
 
 import pytest
@@ -13,6 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from eventrails import _tracing
+from eventrails._dispatcher import run_event_loop
 from eventrails._outcomes import Done, resolve
 from eventrails import PayloadError
 from eventrails._publisher import _published_at, encode_payload, new_msg_id
@@ -108,3 +110,14 @@ def test_payloads_json_cannot_carry_are_refused() -> None:
         encode_payload("send-email", {"ratio": math.nan})
     with pytest.raises(PayloadError, match="not JSON-serialisable"):
         encode_payload("send-email", {"when": object()})
+
+
+def test_loop_error_has_no_import_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # makes `import uvloop` fail
+
+    async def failing() -> None:
+        raise LookupError("handler bug")
+
+    with pytest.raises(LookupError) as caught:
+        run_event_loop(failing())
+    assert caught.value.__context__ is None
