@@ -294,7 +294,7 @@ def steady_writer(dsn: str, rate: int, seconds: float, results: Any) -> None:
 
 
 def peer_steady_writer(dsn: str, rate: int, seconds: float, results: Any) -> None:
-    """The same pacing with faststream-outbox's writer, on an event loop of its own in this process."""
+    """Write rows at the same pace with faststream-outbox's writer, on an event loop of its own in this process."""
     data = payload()
     loop = asyncio.new_event_loop()
     writer = PeerWriter(dsn)

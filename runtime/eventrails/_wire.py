@@ -4,11 +4,12 @@ nats-py's ``Client.publish`` encodes headers key by key: it strips, checks and e
 each name and value into a bytearray, which costs more per message than the rest of the
 publish. eventrails sends a few header names of its own, with values it built itself. So
 ``Wire`` joins them into one string and checks the result once for line breaks. Then it
-hands the finished HPUB command to the client's pending buffer, as ``publish`` does. Anything
-out of the ordinary (a header name it has not seen, a value with a line break, a client
-that is reconnecting, draining or closed, a message over the server's size limit, a
-subject with a blank in it) goes
-through ``Client.publish`` instead, so nats-py's own checks and errors apply.
+hands the finished HPUB command to the client's pending buffer, as ``publish`` does.
+
+Anything out of the ordinary goes through ``Client.publish`` instead, so nats-py's own
+checks and errors apply. That covers a header name it has not seen, a value with a line
+break, a subject with a blank in it, a message over the server's size limit, and a
+client that is reconnecting, draining or closed.
 
 The fast path reads a few of the client's internals (its pending buffer and flusher).
 ``Wire.for_client`` checks that they are there and returns None otherwise, so a nats-py

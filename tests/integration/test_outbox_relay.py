@@ -354,7 +354,7 @@ async def test_aggregate_order_with_two_relays(rails: Rails, outbox: Outbox) -> 
 
 
 class GatedStore:
-    """Passes every call to a real store, but holds the first mark until ``gate`` is set."""
+    """A store that passes every call to a real one but delays the first mark until ``gate`` is set."""
 
     def __init__(self, store: RelayStore) -> None:
         self._store = store
@@ -387,7 +387,7 @@ async def test_next_batch_goes_out_while_a_mark_waits(rails: Rails, outbox: Outb
     assert await stream_msg_ids(rails, "shop_orders") == [first, second]
 
 
-async def test_aggregate_waits_for_the_mark_of_its_previous_row(rails: Rails, outbox: Outbox) -> None:
+async def test_aggregate_row_waits_for_previous_mark(rails: Rails, outbox: Outbox) -> None:
     await rails.apply_topic(topic_resource())
     store = GatedStore(outbox.store())
     [a1] = outbox.write([("send-email", email(1), "cus-1")])

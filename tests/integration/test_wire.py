@@ -47,7 +47,7 @@ async def _received(nc: NATS, send_both: object) -> tuple[Msg, Msg]:
     return (first, second) if first.subject == "wire.natspy" else (second, first)
 
 
-async def test_a_message_arrives_as_nats_py_sends_it(nc: NATS) -> None:
+async def test_wire_message_matches_nats_py(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
 
@@ -62,7 +62,7 @@ async def test_a_message_arrives_as_nats_py_sends_it(nc: NATS) -> None:
     assert (ours.data, ours.reply) == (theirs.data, theirs.reply)
 
 
-async def test_a_message_without_headers_or_reply_arrives_whole(nc: NATS) -> None:
+async def test_wire_plain_message_arrives_whole(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
 
@@ -74,7 +74,7 @@ async def test_a_message_without_headers_or_reply_arrives_whole(nc: NATS) -> Non
     assert (ours.data, ours.reply, ours.headers) == (theirs.data, theirs.reply, theirs.headers)
 
 
-async def test_a_value_with_a_line_break_goes_through_nats_py(nc: NATS) -> None:
+async def test_wire_line_break_falls_back(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
     headers = {**HEADERS, "Eventrails-Organization-Id": "org\r\nInjected: yes"}
@@ -90,14 +90,14 @@ async def test_a_value_with_a_line_break_goes_through_nats_py(nc: NATS) -> None:
     assert "Injected" not in ours.headers
 
 
-async def test_a_bad_header_name_raises_nats_py_error(nc: NATS) -> None:
+async def test_wire_bad_header_name_raises(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
     with pytest.raises(nats.errors.BadHeaderError):
         await wire.publish("wire.ours", b"{}", headers={"Bad Name": "x"})
 
 
-async def test_a_subject_with_a_blank_raises_nats_py_error(nc: NATS) -> None:
+async def test_wire_blank_subject_raises(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
     with pytest.raises(nats.errors.BadSubjectError):
@@ -106,14 +106,14 @@ async def test_a_subject_with_a_blank_raises_nats_py_error(nc: NATS) -> None:
         await wire.publish("wire.ours", b"{}", reply="reply\r\nPUB x 0")
 
 
-async def test_a_message_over_the_size_limit_raises_nats_py_error(nc: NATS) -> None:
+async def test_wire_oversized_message_raises(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
     with pytest.raises(nats.errors.MaxPayloadError):
         await wire.publish("wire.ours", b"x" * (nc.max_payload + 1), headers=HEADERS)
 
 
-async def test_a_closed_client_raises_nats_py_error(nc: NATS) -> None:
+async def test_wire_closed_client_raises(nc: NATS) -> None:
     wire = Wire.for_client(nc)
     assert wire is not None
     await nc.close()
@@ -121,6 +121,6 @@ async def test_a_closed_client_raises_nats_py_error(nc: NATS) -> None:
         await wire.publish("wire.ours", b"{}", headers=HEADERS)
 
 
-def test_only_a_nats_py_client_gets_a_wire() -> None:
+def test_wire_only_for_nats_py_clients() -> None:
     assert Wire.for_client(object()) is None
     assert Wire.for_client(NATS()) is not None

@@ -400,7 +400,7 @@ class OutboxRelay:
             if result.receipt is not None:
                 self.metrics.publish_delay.observe(max((now - result.row.created_at).total_seconds(), 0.0))
             elif missing is not None and self._is_outage(missing):
-                # NATS stopped answering: the row is released without waiting another deadline.
+                # NATS stopped responding: the row is released without waiting another deadline.
                 result.error = missing
             else:
                 # A rejection may concern one row only: each remaining row gets its own outcome.
