@@ -22,17 +22,69 @@ from eventrails_operator._settings import OperatorSettings
 
 logger = logging.getLogger("eventrails.operator")
 
-# Annotations, not status fields: the CRDs' structural schemas would prune kopf's status
-# fields, and the spec is never written (GitOps tools would report drift).
+# kopf's progress goes in annotations, not status fields: the CRDs' structural schemas would
+# prune them, and the spec is never written (GitOps tools would report drift).
 ANNOTATION_PREFIX = "eventrails.dev"
 FINALIZER = "eventrails.dev/finalizer"
+
+
+class StatusDiffBase(kopf.StatusDiffBaseStorage):
+    """kopf's diff base in ``status.lastHandledConfiguration``, written with the status in one request.
+
+    Objects last handled by an older operator keep it in the
+    ``eventrails.dev/last-handled-configuration`` annotation: it is read when the status
+    has none, and removed once the status holds it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(field="status.lastHandledConfiguration")
+        self._annotation = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        # The annotation storage's essence also leaves out the old annotation.
+        return self._annotation.build(body=body, extra_fields=extra_fields)
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return super().fetch(body=body) or self._annotation.fetch(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        super().store(body=body, patch=patch, essence=essence)
+        for key in self._annotation.make_keys(self._annotation.key, body=body):
+            if key in body.metadata.annotations:
+                patch.metadata.annotations[key] = None
+
+
+class AnnotationsProgress(kopf.AnnotationsProgressStorage):
+    """kopf's progress of each handler in annotations, without a lone marker write.
+
+    kopf marks the prefix as its own (``eventrails.dev/kopf-managed``) whenever it stores
+    progress, even for a handler that succeeds at once and whose progress is purged in
+    the same patch. That marker alone would cost each new object one more write, so it
+    is dropped when no progress of the prefix is left in the patch.
+    """
+
+    def purge(self, *, key: str, body: kopf.Body, patch: kopf.Patch) -> None:  # type: ignore[override]
+        super().purge(key=key, body=body, patch=patch)
+        metadata = patch.get("metadata") or {}
+        annotations = metadata.get("annotations") or {}
+        marker = f"{self.prefix}/kopf-managed"
+        if marker not in annotations or marker in body.metadata.annotations:
+            return
+        if any(name.startswith(f"{self.prefix}/") for name in annotations if name != marker):
+            return
+        del annotations[marker]
+        if not annotations:
+            del metadata["annotations"]
+        if not metadata:
+            del patch["metadata"]
 
 
 def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     """Return kopf's settings for this operator."""
     result = kopf.OperatorSettings()
-    result.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
-    result.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=ANNOTATION_PREFIX)
+    result.persistence.progress_storage = AnnotationsProgress(prefix=ANNOTATION_PREFIX)
+    # In the status, so that a handled change costs one status write and no annotation write.
+    result.persistence.diffbase_storage = StatusDiffBase()
     result.persistence.finalizer = FINALIZER
     # The handlers' per-object log lines at event_level and above become the object's Events,
     # posted by a bounded pool so that a burst of a thousand changes does not flood the API.

@@ -261,15 +261,17 @@ def _failure_status(body: kopf.Body, resource: Topic | Consumer | EventBus | Non
     return status
 
 
-async def _patch_status(context: OperatorContext, resource: _kube.Resource, body: kopf.Body, status: dict[str, Any]) -> bool:
-    """Patch the status subresource with the fields that changed; return False when none did."""
+def _patch_status(body: kopf.Body, patch: kopf.Patch, status: dict[str, Any]) -> bool:
+    """Put the status fields that changed into kopf's patch; return False when none did.
+
+    kopf sends the patch once the handler returns, in one request to the status
+    subresource together with its diff base (see ``StatusDiffBase``).
+    """
     live = body.get("status") or {}
     changed = {key: value for key, value in status.items() if live.get(key) != value}
-    if not changed:
-        return False
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    await context.kube.merge_patch(resource, namespace, name, {"status": changed}, subresource="status")
-    return True
+    for key, value in changed.items():
+        patch.status[key] = value
+    return bool(changed)
 
 
 def _count_writes(changes: list[Change]) -> None:
@@ -289,7 +291,7 @@ def _describe_changes(changes: list[Change]) -> str:
 
 
 async def _settle(
-    context: OperatorContext, kind: str, resource: _kube.Resource, body: kopf.Body, logger: logging.Logger,
+    context: OperatorContext, kind: str, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger,
     retry: int, periodic: bool, reconcile: Callable[[_Attempt], Awaitable[dict[str, Any]]],
 ) -> None:
     """Run one reconcile, record its status, count it, and turn failures into kopf outcomes."""
@@ -305,24 +307,14 @@ async def _settle(
     else:
         status["observedGeneration"] = body.get("metadata", {}).get("generation")
         RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
-        try:
-            await _patch_status(context, resource, body, status)
-        except _kube.KubeError as error:
-            RECONCILES.labels(kind, trigger, "retry").inc()
-            RECONCILE_ERRORS.labels(kind, "KubernetesApiError").inc()
-            raise kopf.TemporaryError(f"could not record the status: {error}", delay=context.retry_delay(retry)) from error
+        _patch_status(body, patch, status)
         RECONCILES.labels(kind, trigger, "ready").inc()
         return
 
     RECONCILE_SECONDS.labels(kind).observe(time.monotonic() - started)
     RECONCILES.labels(kind, trigger, "retry" if failure.temporary else "failed").inc()
     RECONCILE_ERRORS.labels(kind, failure.reason).inc()
-    try:
-        status_changed = await _patch_status(context, resource, body, _failure_status(body, attempt.resource, failure))
-    except _kube.KubeError as error:
-        logger.warning("could not record the failure in the status (%s); retrying", error)
-        raise kopf.TemporaryError(f"{failure.message}; and the status could not be recorded: {error}",
-                                  delay=context.retry_delay(retry)) from error
+    status_changed = _patch_status(body, patch, _failure_status(body, attempt.resource, failure))
 
     detail = f"{failure.reason}: {failure.message}"
     if periodic:
@@ -339,13 +331,13 @@ _Reconcile = Callable[[OperatorContext, kopf.Body, logging.Logger, _Attempt, _Kn
 
 
 async def _run(
-    kind: str, resource: _kube.Resource, reconcile: _Reconcile, body: kopf.Body, memo: kopf.Memo,
+    kind: str, reconcile: _Reconcile, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
     logger: logging.Logger, retry: int, known: _Known, *, periodic: bool,
 ) -> None:
     context = _context(memo)
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     async with context.lock(kind, namespace, name), context.slot():
-        await _settle(context, kind, resource, body, logger, retry, periodic,
+        await _settle(context, kind, body, patch, logger, retry, periodic,
                       lambda attempt: reconcile(context, body, logger, attempt, known))
 
 
@@ -380,12 +372,16 @@ async def _reconcile_event_bus(
     return status
 
 
-async def event_bus_changed(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any) -> None:
-    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, retry, _Known(), periodic=False)
+async def event_bus_changed(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, retry: int, **_: Any,
+) -> None:
+    await _run("EventBus", _reconcile_event_bus, body, patch, memo, logger, retry, _Known(), periodic=False)
 
 
-async def event_bus_resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    await _run("EventBus", _kube.EVENTBUSES, _reconcile_event_bus, body, memo, logger, 0, _Known(), periodic=True)
+async def event_bus_resync(
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any,
+) -> None:
+    await _run("EventBus", _reconcile_event_bus, body, patch, memo, logger, 0, _Known(), periodic=True)
 
 
 async def event_bus_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
@@ -420,18 +416,18 @@ async def _reconcile_topic(
 
 
 async def topic_changed(
-    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, retry: int,
     eventbus_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
 ) -> None:
-    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, retry, _Known(eventbus_bodies),
+    await _run("Topic", _reconcile_topic, body, patch, memo, logger, retry, _Known(eventbus_bodies),
                periodic=False)
 
 
 async def topic_resync(
-    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, eventbus_bodies: kopf.Index[Any, Any] | None = None,
-    **_: Any,
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
+    eventbus_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
 ) -> None:
-    await _run("Topic", _kube.TOPICS, _reconcile_topic, body, memo, logger, 0, _Known(eventbus_bodies), periodic=True)
+    await _run("Topic", _reconcile_topic, body, patch, memo, logger, 0, _Known(eventbus_bodies), periodic=True)
 
 
 async def topic_deleted(
@@ -692,18 +688,18 @@ async def _reconcile_consumer(
 
 
 async def consumer_changed(
-    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int,
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, retry: int,
     eventbus_bodies: kopf.Index[Any, Any] | None = None, topic_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
 ) -> None:
-    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, retry,
+    await _run("Consumer", _reconcile_consumer, body, patch, memo, logger, retry,
                _Known(eventbus_bodies, topic_bodies), periodic=False)
 
 
 async def consumer_resync(
-    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+    body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
     eventbus_bodies: kopf.Index[Any, Any] | None = None, topic_bodies: kopf.Index[Any, Any] | None = None, **_: Any,
 ) -> None:
-    await _run("Consumer", _kube.CONSUMERS, _reconcile_consumer, body, memo, logger, 0,
+    await _run("Consumer", _reconcile_consumer, body, patch, memo, logger, 0,
                _Known(eventbus_bodies, topic_bodies), periodic=True)
 
 

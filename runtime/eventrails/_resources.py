@@ -375,6 +375,11 @@ class _Status(_Model):
         default_factory=list, description="Ready, Reconciling and Degraded conditions.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
+    last_handled_configuration: str | None = Field(
+        default=None, alias="lastHandledConfiguration",
+        description="Spec, labels and annotations the operator last handled, as JSON: "
+                    "a later difference is a change to apply.",
+    )
 
 
 class EventBusStatus(_Status):

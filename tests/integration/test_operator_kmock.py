@@ -344,8 +344,11 @@ async def test_topic_and_consumer_become_streams_consumer_and_workers(
             for request in requests_to(api, resource, name, "PATCH"):
                 if not request.headers.get("User-Agent", "").startswith("kmock/"):  # not the test's own patch
                     assert not writes_spec(request.data), request.data
-        annotations = live(api, TOPICS, "orders")["metadata"].get("annotations", {})  # type: ignore[index]
-        assert any(key.startswith("eventrails.dev/") for key in annotations)
+        # kopf's diff base is in the status, not in an annotation.
+        handled = live(api, TOPICS, "orders")
+        assert handled is not None
+        assert json.loads(handled["status"]["lastHandledConfiguration"])["spec"]["deletionPolicy"] == "Delete"
+        assert "eventrails.dev/last-handled-configuration" not in handled["metadata"].get("annotations", {})
 
         # The handlers' log lines reached the Topic as Kubernetes Events.
         messages = [event["message"] for (resource, _, _), event in list(api.objects.items())
@@ -365,6 +368,65 @@ async def test_topic_and_consumer_become_streams_consumer_and_workers(
         await delete(api, TOPICS, "orders")
         await eventually(lambda: live(api, TOPICS, "orders") is None, "the Topic's finalizer to be released")
         assert await stream_names(nc) == []
+
+
+def operator_patches(api: EmulatedApi, resource: str, name: str, subresource: str | None = None) -> list[Any]:
+    return [request.data for request in requests_to(api, resource, name, "PATCH", subresource)
+            if not request.headers.get("User-Agent", "").startswith("kmock/")]
+
+
+async def test_a_new_topic_costs_a_finalizer_write_and_one_status_write(
+    api: EmulatedApi, nats_server: NatsServer,
+) -> None:
+    settings = operator_settings(api, nats_server, post_events=False)
+    async with running_operator(api, settings):
+        await apply(api, TOPICS, "Topic", "orders", {"tasks": ["send-email"]})
+        await eventually(lambda: condition(live(api, TOPICS, "orders")).get("status") == "True",
+                         "Topic orders to be Ready")
+        # Give a stray write time to show up; the resync interval is far longer.
+        await asyncio.sleep(1.5)
+
+    # kopf adds its finalizer with a JSON patch (the emulator appends the resourceVersion).
+    [finalizer] = operator_patches(api, TOPICS, "orders")
+    assert {operation["path"] for operation in finalizer if operation["op"] != "test"} == {
+        "/metadata/finalizers", "/metadata/resourceVersion"}
+    [status] = operator_patches(api, TOPICS, "orders", "status")
+    assert {"conditions", "observedGeneration", "stream", "lastHandledConfiguration"} <= set(status["status"])
+    assert json.loads(status["status"]["lastHandledConfiguration"]) == {"spec": {"tasks": ["send-email"]}}
+
+
+async def test_a_diff_base_in_the_old_annotation_is_read_then_moved_to_the_status(
+    api: EmulatedApi, nats_server: NatsServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kopf.objects")
+    # As an older operator left it: its diff base in an annotation, and the spec changed since.
+    body = {
+        "apiVersion": API, "kind": "Topic",
+        "metadata": {
+            "name": "orders", "namespace": NAMESPACE, "finalizers": ["eventrails.dev/finalizer"],
+            "annotations": {
+                "eventrails.dev/kopf-managed": "yes",
+                "eventrails.dev/last-handled-configuration": json.dumps({"spec": {"tasks": ["send-email"]}}) + "\n",
+            },
+        },
+        "spec": {"tasks": ["send-email", "charge-card"]},
+    }
+    response = await api.post(f"/apis/eventrails.dev/v1alpha1/namespaces/{NAMESPACE}/topics", json=body)
+    assert response.status in (200, 201), await response.text()
+
+    async with running_operator(api, operator_settings(api, nats_server)):
+        topic = await eventually(lambda: (live(api, TOPICS, "orders") or {}).get("status", {}).get("lastHandledConfiguration")
+                                 and live(api, TOPICS, "orders"), "the diff base to be in the status")
+        await eventually(lambda: "eventrails.dev/last-handled-configuration"
+                         not in live(api, TOPICS, "orders")["metadata"].get("annotations", {}),  # type: ignore[index]
+                         "the old annotation to be removed")
+
+    assert json.loads(topic["status"]["lastHandledConfiguration"]) == {"spec": {"tasks": ["send-email", "charge-card"]}}
+    assert condition(topic)["status"] == "True"
+    # The old diff base was read: the change is an update, not the creation of an unknown object.
+    messages = [record.getMessage() for record in caplog.records if record.name == "kopf.objects"]
+    assert any(message.startswith("Updating is processed") for message in messages), messages
+    assert not any(message.startswith("Creation is processed") for message in messages), messages
 
 
 async def test_bad_input_is_reported_and_creates_nothing(
