@@ -54,6 +54,7 @@ import kubernetes
 from _common import Table, load, write_section
 from operator_topics import (
     NAMESPACE,
+    REPO,
     CpuMeter,
     WriteCounter,
     list_manifest,
@@ -62,6 +63,7 @@ from operator_topics import (
     prepare,
     ready_count,
     topic_items,
+    topics_manifest,
     wait_for,
 )
 
@@ -74,6 +76,7 @@ from eventrails_operator._desired import BusConnection, topic_streams
 NACK_CRD = "streams.jetstream.nats.io"
 MODES = ("legacy", "control-loop")
 EVENTRAILS = "eventrails"
+BARE = "bare-controller"
 
 
 @dataclass
@@ -87,9 +90,10 @@ class Figures:
     ready_seconds: float
     create_writes: int
     peak_rss: float
-    resync_writes: int
-    resync_reads: int
-    resync_seconds: float
+    # None when the variant has no resync (the bare controller).
+    resync_writes: int | None
+    resync_reads: int | None
+    resync_seconds: float | None
     # CPU seconds of each process from the create until all were Ready, and the wall seconds.
     ready_cpu: dict[str, float] = field(default_factory=dict)
 
@@ -246,6 +250,72 @@ def measure_eventrails(plane: ControlPlane, server: NatsServer, arguments: argpa
     )
 
 
+class BareController:
+    """bench/bare_controller.py as a child process, watching the bench namespace."""
+
+    def __init__(self, plane: ControlPlane, nats_url: str, workdir: Path) -> None:
+        script = Path(__file__).with_name("bare_controller.py")
+        self.arguments = [sys.executable, str(script), "--nats", nats_url, "--namespace", NAMESPACE]
+        self.log_path = workdir / "bare-controller.log"
+        self.env = plane.environ()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.arguments, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while "watching" not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the bare controller exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bare controller did not start within {timeout:.0f}s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def peak_rss_mib(self) -> float:
+        assert self.process is not None
+        return memory_mib(self.process.pid, "VmHWM")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+
+def measure_bare(plane: ControlPlane, server: NatsServer, arguments: argparse.Namespace, workdir: Path) -> Figures:
+    """Bring the same Topics as the operator's variant to Ready with the bare controller (no resync pass)."""
+    prepare(plane, sorted((REPO / "crds").glob("*.yaml")), ["topics.eventrails.dev"])
+    client = kubernetes.config.new_client_from_config(config_file=str(plane.kubeconfig))
+    api = kubernetes.client.CustomObjectsApi(client)
+    writes = WriteCounter(server.url)
+    controller = BareController(plane, server.url, workdir)
+    controller.start()
+    try:
+        assert controller.process is not None
+        cpu = CpuMeter(controller.process.pid)
+        began = time.monotonic()
+        plane.kubectl("create", "-f", "-", input=topics_manifest(arguments.count), timeout=arguments.timeout)
+        create_seconds = time.monotonic() - began
+        wait_for(lambda: ready_count(api) == arguments.count, f"{arguments.count} Topics to be Ready",
+                 arguments.timeout)
+        ready_seconds = time.monotonic() - began
+        return Figures(
+            variant=BARE, resources=arguments.count, streams=writes.stream_count(), create_seconds=create_seconds,
+            ready_seconds=ready_seconds, create_writes=writes.settle(), peak_rss=controller.peak_rss_mib(),
+            resync_writes=None, resync_reads=None, resync_seconds=None, ready_cpu=cpu.used(),
+        )
+    finally:
+        controller.stop()
+        writes.close()
+        client.close()
+
+
 def run_variant(name: str, measure: Callable[[ControlPlane, NatsServer, Path], Figures], keep: bool) -> Figures:
     root = Path(tempfile.mkdtemp(prefix=f"eventrails-bench-{name}-"))
     try:
@@ -256,10 +326,12 @@ def run_variant(name: str, measure: Callable[[ControlPlane, NatsServer, Path], F
             print(f"kept {root}", flush=True)
         else:
             shutil.rmtree(root, ignore_errors=True)
+    resync = ("no resync" if figures.resync_seconds is None else
+              f"resync pass {figures.resync_seconds:.1f}s with {figures.resync_writes} writes and "
+              f"{figures.resync_reads} reads")
     print(f"{figures.variant}: {figures.resources} resources, {figures.streams} streams, Ready in "
           f"{figures.ready_seconds:.1f}s (kubectl create {figures.create_seconds:.1f}s), "
-          f"{figures.create_writes} writes to create; resync pass {figures.resync_seconds:.1f}s with "
-          f"{figures.resync_writes} writes and {figures.resync_reads} reads; peak RSS {figures.peak_rss:.0f} MiB; "
+          f"{figures.create_writes} writes to create; {resync}; peak RSS {figures.peak_rss:.0f} MiB; "
           f"CPU seconds until Ready: {_cpu_line(figures.ready_cpu)}; load {load()}", flush=True)
     return figures
 
@@ -286,11 +358,16 @@ def tables(results: list[list[Figures]], count: int) -> str:
         for figures in round_results:
             ready.add(figures.variant, figures.ready_seconds)
             memory.add(figures.variant, figures.peak_rss)
-            resync.add(figures.variant, figures.resync_writes)
-    for variant in ready.rows:
-        if variant != EVENTRAILS:
+            if figures.resync_writes is not None:
+                resync.add(figures.variant, figures.resync_writes)
+    nack = [variant for variant in ready.rows if variant.startswith("nack-")]
+    for variant in [BARE, *nack]:
+        if variant in ready.rows:
             ready.compare(EVENTRAILS, variant)
             memory.compare(EVENTRAILS, variant)
+    if BARE in ready.rows:
+        for variant in nack:
+            ready.compare(BARE, variant)
     sections = [f"{table.title}\n\n{table.markdown()}" for table in (ready, memory, resync)]
     return "\n\n".join([*sections, cpu_table(results)])
 
@@ -323,6 +400,8 @@ def main() -> int:
                         help="NACK mode to run; repeat for both (default legacy)")
     parser.add_argument("--nack-streams-per-topic", type=int, action="append", choices=(1, 2),
                         help="Stream resources per Topic for NACK: 1 (N) or 2 (2N); repeat for both (default both)")
+    parser.add_argument("--bare", action="store_true",
+                        help="also run bench/bare_controller.py, the least work a Topic controller does")
     parser.add_argument("--resync-interval", type=float, default=30.0,
                         help="operator resync interval and NACK control-loop sync interval, in seconds")
     parser.add_argument("--quiet-window", type=float, default=45.0,
@@ -338,6 +417,8 @@ def main() -> int:
     variants: list[tuple[str, Callable[[ControlPlane, NatsServer, Path], Figures]]] = [
         (EVENTRAILS, lambda plane, server, workdir: measure_eventrails(plane, server, arguments, workdir)),
     ]
+    if arguments.bare:
+        variants.append((BARE, lambda plane, server, workdir: measure_bare(plane, server, arguments, workdir)))
     reason = nack_skip_reason(arguments)
     if reason:
         print(f"NACK skipped: {reason}", flush=True)
