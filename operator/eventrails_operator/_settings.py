@@ -64,8 +64,8 @@ class OperatorSettings(BaseSettings):
     )
     kube_requests_per_second: float = Field(
         default=50.0, gt=0,
-        description="Sustained rate of the handlers' own Kubernetes API requests (reads, status and Deployment "
-        "writes); kopf's watches and its annotation patches are not paced by it.",
+        description="Sustained rate of the handlers' own Kubernetes API requests (reads, Deployment and "
+        "ScaledObject writes); kopf's watches and its patches (finalizer, status, annotations) are not paced by it.",
     )
     kube_burst: int = Field(default=100, ge=1, description="Requests allowed at once above the sustained rate.")
     kube_connection_limit: int = Field(
