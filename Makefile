@@ -73,7 +73,7 @@ bench-outbox: bench-peers
 # binary and CRD file (35 minutes with NACK on 2 cores); writes its tables into
 # docs/benchmarks.md only when NACK ran.
 bench-operator: bench-peers controlplane
-	$(BIN)/python bench/operator_nack.py --write
+	$(BIN)/python bench/operator_nack.py --rounds 5 --bare --write
 
 # Every benchmark in bench/, one after another.
 bench-all: bench bench-outbox bench-operator
