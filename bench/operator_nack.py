@@ -136,25 +136,23 @@ def nack_streams(count: int, streams_per_topic: int, nats_url: str) -> list[dict
     return items
 
 
-class NackController:
-    """NACK's jetstream-controller as a child process, watching the bench namespace."""
+class ChildController:
+    """A controller as a child process: started once its log shows ``started_marker``, stopped with SIGTERM."""
 
-    def __init__(self, binary: Path, mode: str, plane: ControlPlane, nats_url: str, sync_interval: float,
-                 workdir: Path) -> None:
-        self.arguments = [str(binary), "--namespace", NAMESPACE, "-s", nats_url, "--kubeconfig", str(plane.kubeconfig)]
-        if mode == "control-loop":
-            self.arguments += ["--control-loop", "--sync-interval", _go_duration(sync_interval),
-                               "--health-probe-bind-address", f"127.0.0.1:{free_port()}"]
-        # Legacy mode logs this line right before it connects and starts its informers. Control-loop
-        # mode logs the other one as each of its controllers starts its worker.
-        self.started_marker = "Running in LEGACY mode" if mode == "legacy" else "Starting workers"
+    name = "controller"
+    started_marker = ""
+    # Seconds to wait after the marker, for the controller to finish starting.
+    settle_seconds = 0.0
+
+    def __init__(self, arguments: list[str], plane: ControlPlane, workdir: Path, log_name: str) -> None:
+        self.arguments = arguments
         self.workdir = workdir
-        self.log_path = workdir / "jetstream-controller.log"
+        self.log_path = workdir / log_name
         self.env = plane.environ()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        # The controller keeps a cache directory under its working directory.
+        # The working directory holds the log (and NACK's cache directory).
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.arguments, cwd=self.workdir, env=self.env, stdout=log,
@@ -162,12 +160,11 @@ class NackController:
         deadline = time.monotonic() + timeout
         while self.started_marker not in self.log_path.read_text(errors="replace"):
             if self.process.poll() is not None:
-                raise RuntimeError(f"jetstream-controller exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"jetstream-controller did not start within {timeout:.0f}s; see {self.log_path}")
+                raise RuntimeError(f"{self.name} did not start within {timeout:.0f}s; see {self.log_path}")
             time.sleep(0.2)
-        # Informers of an empty namespace sync within moments of the marker.
-        time.sleep(2)
+        time.sleep(self.settle_seconds)
 
     def peak_rss_mib(self) -> float:
         assert self.process is not None
@@ -182,6 +179,25 @@ class NackController:
                 self.process.kill()
                 self.process.wait(10)
         self.process = None
+
+
+class NackController(ChildController):
+    """NACK's jetstream-controller as a child process, watching the bench namespace."""
+
+    name = "jetstream-controller"
+    # Informers of an empty namespace sync within moments of the marker.
+    settle_seconds = 2.0
+
+    def __init__(self, binary: Path, mode: str, plane: ControlPlane, nats_url: str, sync_interval: float,
+                 workdir: Path) -> None:
+        arguments = [str(binary), "--namespace", NAMESPACE, "-s", nats_url, "--kubeconfig", str(plane.kubeconfig)]
+        if mode == "control-loop":
+            arguments += ["--control-loop", "--sync-interval", _go_duration(sync_interval),
+                          "--health-probe-bind-address", f"127.0.0.1:{free_port()}"]
+        super().__init__(arguments, plane, workdir, "jetstream-controller.log")
+        # Legacy mode logs this line right before it connects and starts its informers. Control-loop
+        # mode logs the other one as each of its controllers starts its worker.
+        self.started_marker = "Running in LEGACY mode" if mode == "legacy" else "Starting workers"
 
 
 def resync_pass(writes: WriteCounter, streams: int, window: float, timeout: float) -> tuple[int, int, float]:
@@ -250,42 +266,16 @@ def measure_eventrails(plane: ControlPlane, server: NatsServer, arguments: argpa
     )
 
 
-class BareController:
+class BareController(ChildController):
     """bench/bare_controller.py as a child process, watching the bench namespace."""
+
+    name = "the bare controller"
+    started_marker = "watching"
 
     def __init__(self, plane: ControlPlane, nats_url: str, workdir: Path) -> None:
         script = Path(__file__).with_name("bare_controller.py")
-        self.arguments = [sys.executable, str(script), "--nats", nats_url, "--namespace", NAMESPACE]
-        self.log_path = workdir / "bare-controller.log"
-        self.env = plane.environ()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.arguments, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while "watching" not in self.log_path.read_text(errors="replace"):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the bare controller exited with {self.process.returncode}; see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the bare controller did not start within {timeout:.0f}s; see {self.log_path}")
-            time.sleep(0.2)
-
-    def peak_rss_mib(self) -> float:
-        assert self.process is not None
-        return memory_mib(self.process.pid, "VmHWM")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
+        super().__init__([sys.executable, str(script), "--nats", nats_url, "--namespace", NAMESPACE],
+                         plane, workdir, "bare-controller.log")
 
 
 def measure_bare(plane: ControlPlane, server: NatsServer, arguments: argparse.Namespace, workdir: Path) -> Figures:
