@@ -122,6 +122,8 @@ def stream_differences(live: StreamConfig, desired: StreamConfig) -> list[str]:
 
 # A work-queue stream delivers each subject to one consumer only.
 _FILTER_NOT_UNIQUE = 10100
+# The stream itself is missing (the consumer's own absence is 10014).
+_STREAM_NOT_FOUND = 10059
 
 
 def _filters(config: ConsumerConfig) -> list[str]:
@@ -135,15 +137,19 @@ def consumer_differences(live: ConsumerConfig, desired: ConsumerConfig) -> list[
 
 
 def _reconcile_error(error: NatsError, action: str, name: str, field: str | None = None) -> ReconcileError:
+    # translate() starts its message with what was being done; keep that prefix once.
+    context = f"{action} {name}"
+    text = str(error)
+    message = text if text.startswith(context) else f"{context}: {text}"
     if isinstance(error, NatsUnavailable):
-        return ReconcileError("NatsUnavailable", f"{action} {name}: {error}", temporary=True)
+        return ReconcileError("NatsUnavailable", message, temporary=True)
     if isinstance(error, JetStreamRejected):
         return ReconcileError(
             "JetStreamRejected",
             f"{action} {name} was rejected by JetStream: {error.description}",
             field=field, err_code=error.err_code, temporary=False,
         )
-    return ReconcileError("JetStreamError", f"{action} {name}: {error}", field=field, temporary=True)
+    return ReconcileError("JetStreamError", message, field=field, temporary=True)
 
 
 # Words of the server's rejection that point at one stream field, for naming the spec field.
@@ -256,6 +262,13 @@ async def ensure_consumer(jsm: JetStreamManager, stream: str, desired: ConsumerC
         translated = translate(error, f"read consumer {stream}/{name}")
         if not isinstance(translated, JetStreamNotFound):
             raise _reconcile_error(translated, "read consumer", f"{stream}/{name}") from error
+        if translated.err_code == _STREAM_NOT_FOUND:
+            raise ReconcileError(
+                "StreamNotFound",
+                f"stream {stream} does not exist yet, so consumer {name} cannot be created; "
+                "it is created once the Topic's stream is (check the Topic's status if this lasts)",
+                temporary=True,
+            ) from error
         live = None
 
     if live is not None:

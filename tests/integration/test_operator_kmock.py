@@ -429,6 +429,25 @@ async def test_a_diff_base_in_the_old_annotation_is_read_then_moved_to_the_statu
     assert not any(message.startswith("Creation is processed") for message in messages), messages
 
 
+async def test_a_consumer_waits_for_its_topics_stream(
+    api: EmulatedApi, nats_server: NatsServer, nc: Client, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kopf.objects")
+    async with running_operator(api, operator_settings(api, nats_server, resync_interval=1.0)):
+        await apply(api, TOPICS, "Topic", "orders", {"tasks": ["send-email"]})
+        await eventually(lambda: condition(live(api, TOPICS, "orders")).get("status") == "True",
+                         "Topic orders to be Ready")
+        # The stream is gone, as it is for a Consumer applied together with its Topic;
+        # the Topic's next resync makes it again.
+        await nc.jsm(timeout=5).delete_stream("shop_orders")
+        await apply(api, CONSUMERS, "Consumer", "mailer", {"topic": "orders", "handler": "shop.workers:worker"})
+        await eventually(lambda: condition(live(api, CONSUMERS, "mailer")).get("status") == "True",
+                         "Consumer mailer to be Ready")
+
+    failures = [record.getMessage() for record in caplog.records if "failed temporarily" in record.getMessage()]
+    assert failures == []
+
+
 async def test_bad_input_is_reported_and_creates_nothing(
     api: EmulatedApi, nats_server: NatsServer, nc: Client, caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 from nats.js.manager import JetStreamManager
 
+from eventrails._errors import translate
 from eventrails._manifests import parse_resource
 from eventrails._natsserver import NatsServer
 from eventrails._resources import Consumer, Topic
-from eventrails_operator import _reconcile
+from eventrails_operator import _jetstream, _reconcile
 from eventrails_operator._desired import BusConnection
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -261,3 +263,31 @@ async def test_retain_keeps_streams_and_delete_removes_them(jsm: JetStreamManage
     # Deleting again finds nothing and is not an error.
     assert [c.action for c in await _reconcile.delete_topic(jsm, removed)] == ["absent", "absent"]
     assert (await _reconcile.delete_consumer(jsm, consumer)).action == "absent"
+
+
+async def test_consumer_before_its_stream_waits_for_it(jsm: JetStreamManager, bus: BusConnection) -> None:
+    topic, consumer = make_topic(), make_consumer()
+
+    early = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
+
+    assert early.error is not None
+    assert early.error.reason == "StreamNotFound"
+    assert early.error.temporary
+    assert "stream shop_orders does not exist yet" in early.error.message
+    assert early.status["conditions"][0]["status"] == "False"
+
+    await _reconcile.reconcile_topic(jsm, topic, bus)
+    later = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
+
+    assert later.ready
+    assert [(change.name, change.action) for change in later.changes] == [("mailer", "created")]
+
+
+def test_translated_errors_name_the_action_once() -> None:
+    error = nats.js.errors.NotFoundError(code=404, err_code=10059, description="stream not found")
+    translated = translate(error, "create consumer shop_orders/mailer")
+
+    failure = _jetstream._reconcile_error(translated, "create consumer", "shop_orders/mailer")
+
+    assert failure.reason == "JetStreamError"
+    assert failure.message == "create consumer shop_orders/mailer: stream not found"
