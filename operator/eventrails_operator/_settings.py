@@ -6,6 +6,7 @@ docs/operator.md explains each knob and what to change for larger or smaller clu
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from typing import Annotated, Literal
 
@@ -32,7 +33,8 @@ class OperatorSettings(BaseSettings):
         default="eventrails", description="Subject prefix used with the default NATS servers."
     )
     worker_image: str = Field(
-        default="ghcr.io/eventrails/eventrails:latest",
+        # The image docker/worker.Dockerfile builds, tagged with this release (as the chart does).
+        default_factory=lambda: f"ghcr.io/eventrails/worker:{importlib.metadata.version('eventrails')}",
         description="Image of worker pods whose Consumer names none.",
     )
     resync_interval: float = Field(

@@ -217,6 +217,13 @@ def test_settings_from_values_reach_the_operator(helm: Helm) -> None:
     assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
+def test_default_worker_image_matches_the_chart(helm: Helm) -> None:
+    container = operator_container(helm.template())
+    env = {item["name"]: item.get("value") for item in container["env"]}
+
+    assert OperatorSettings().worker_image == env["EVENTRAILS_OPERATOR_WORKER_IMAGE"]
+
+
 def test_peering_object_matches_the_mode(helm: Helm) -> None:
     cluster = helm.template()
     peering = one(cluster, "ClusterKopfPeering")
