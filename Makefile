@@ -70,8 +70,8 @@ bench-outbox: bench-peers
 
 # The operator with 1,000 Topics on the test control plane, next to NACK's
 # jetstream-controller when EVENTRAILS_NACK_BINARY and EVENTRAILS_NACK_CRDS name its
-# binary and CRD file (35 minutes with NACK on 2 cores); writes its tables into
-# docs/benchmarks.md only when NACK ran.
+# binary and CRD file (five rounds with the bare controller: about 25 minutes with NACK
+# on 2 cores); writes its tables into docs/benchmarks.md only when NACK ran.
 bench-operator: bench-peers controlplane
 	$(BIN)/python bench/operator_nack.py --rounds 5 --bare --write
 
