@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import tempfile
@@ -583,9 +584,16 @@ class ControlPlane:
         )
 
 
+def _stop_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main() -> None:
-    """Run a control plane until Ctrl-C: ``python -m eventrails._controlplane``."""
+    """Run a control plane until Ctrl-C, SIGTERM or SIGHUP: ``python -m eventrails._controlplane``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # SIGTERM and a closed terminal stop it as Ctrl-C does, so that its servers stop too.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGHUP, _stop_on_signal)
     plane = ControlPlane()
     try:
         plane.start()
@@ -593,10 +601,14 @@ def main() -> None:
         # The directory stays, so the logs named in the message can be read.
         logger.error("%s", exc)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        # start() stopped what it had started; only the directory is left.
+        plane.cleanup()
+        return
     try:
         print(f"export KUBECONFIG={plane.kubeconfig}")
         print(f"export PATH={find_binaries()['kubectl'].parent}:$PATH")
-        print("Ctrl-C stops the control plane and removes its directory.", flush=True)
+        print("Ctrl-C (or SIGTERM) stops the control plane and removes its directory.", flush=True)
         while plane.running:
             time.sleep(1)
         logger.error("a control-plane process exited (logs in %s); stopping the others", plane.root_dir)

@@ -7,9 +7,12 @@ These run against the real etcd, kube-apiserver and kube-controller-manager star
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +105,36 @@ def test_startup_failure_reports_process_log(control_plane_bin: Path, tmp_path: 
     assert str(tmp_path / "logs" / "kube-apiserver.log") in message
     assert "address already in use" in message
     assert not plane.running
+
+
+def test_sigterm_stops_the_helper_and_its_servers(control_plane_bin: Path) -> None:
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "eventrails._controlplane"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=os.environ | {"EVENTRAILS_CONTROLPLANE_BIN": str(control_plane_bin)},
+    )
+    servers: list[int] = []
+    try:
+        assert helper.stdout is not None
+        first = helper.stdout.readline()  # blocks until the control plane is up (or the helper ended)
+        assert first.startswith("export KUBECONFIG="), first
+        root = Path(first.strip().removeprefix("export KUBECONFIG=")).parent
+        servers = [int(pid) for path in Path(f"/proc/{helper.pid}/task").glob("*/children")
+                   for pid in path.read_text().split()]
+        assert len(servers) == 3, servers
+
+        helper.send_signal(signal.SIGTERM)
+        code = helper.wait(60)
+    finally:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+        survivors = [pid for pid in servers if Path(f"/proc/{pid}").exists()]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+
+    assert code == 0
+    assert survivors == [], "servers outlived the helper"
+    assert not root.exists()
 
 
 def test_binaries_report_pinned_versions(control_plane: ControlPlane, control_plane_bin: Path) -> None:
