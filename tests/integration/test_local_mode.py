@@ -356,5 +356,5 @@ def test_demo_prints_every_outcome(tmp_path: Path) -> None:
     ]:
         assert re.search(rf"{re.escape(msg_id)}\s.*\s{re.escape(outcome)}(\s|$)", out, re.MULTILINE), (msg_id, out)
     assert re.search(r"^welcome email via the outbox\s+jobs/send-email\s+[0-9a-f-]{36}\s.*\sdone$", out, re.MULTILINE), out
-    assert "Outcomes announced: done 10, retry 1, skip 1, dead_letter 1" in out, out
+    assert "Outcomes announced (one per delivery): done 10, retry 1, skip 1, dead_letter 1" in out, out
     assert "holds the poison message charge-poison" in out
