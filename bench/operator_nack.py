@@ -14,6 +14,8 @@ variants run one after another, never together:
   work-queue stream and its dead-letter stream, so N Topics are 2N streams.
 - ``nack-<mode>-x1``: N Stream resources, the work-queue stream of each Topic.
 - ``nack-<mode>-x2``: 2N Stream resources, the same 2N streams the N Topics make.
+- ``bare-controller`` (with ``--bare``): bench/bare_controller.py and the same N Topics,
+  a floor with only the required work and no resync pass.
 
 The Stream specs come from the operator's own ``topic_streams`` for the same Topics, so
 names, subjects, retention, storage, limits, duplicate window and metadata match. Each
@@ -30,7 +32,7 @@ interval. Note that in control-loop mode controller-runtime's metrics listener b
 ``:8080`` (every interface) unless the binary was built to bind elsewhere.
 
     .venv/bin/python bench/operator_nack.py --nack-binary PATH --nack-crds PATH \\
-        [--count 1000] [--rounds 3] [--nack-mode legacy] [--nack-mode control-loop] [--write]
+        [--count 1000] [--rounds 3] [--bare] [--nack-mode legacy] [--nack-mode control-loop] [--write]
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ class ChildController:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        # The working directory holds the log (and NACK's cache directory).
+        # The working directory contains the log (and NACK's cache directory).
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.arguments, cwd=self.workdir, env=self.env, stdout=log,
@@ -391,7 +393,7 @@ def main() -> int:
     parser.add_argument("--nack-streams-per-topic", type=int, action="append", choices=(1, 2),
                         help="Stream resources per Topic for NACK: 1 (N) or 2 (2N); repeat for both (default both)")
     parser.add_argument("--bare", action="store_true",
-                        help="also run bench/bare_controller.py, the least work a Topic controller does")
+                        help="also run bench/bare_controller.py, a Topic controller with only the required work")
     parser.add_argument("--resync-interval", type=float, default=30.0,
                         help="operator resync interval and NACK control-loop sync interval, in seconds")
     parser.add_argument("--quiet-window", type=float, default=45.0,

@@ -32,8 +32,8 @@ class StatusDiffBase(kopf.StatusDiffBaseStorage):
     """kopf's diff base in ``status.lastHandledConfiguration``, written with the status in one request.
 
     Objects last handled by an older operator keep it in the
-    ``eventrails.dev/last-handled-configuration`` annotation: it is read when the status
-    has none, and removed once the status holds it.
+    ``eventrails.dev/last-handled-configuration`` annotation. It is read when the status
+    has none, and removed once the status contains it.
     """
 
     def __init__(self) -> None:

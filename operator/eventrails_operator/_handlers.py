@@ -50,8 +50,9 @@ _R = TypeVar("_R", EventBus, Topic, Consumer)
 TEMPLATE_DIGEST_ANNOTATION = f"{METADATA_PREFIX}template-digest"
 # How long a Consumer's deletion waits between checks for its workers to terminate.
 _WORKERS_GONE_POLL = 3.0
-# Pause between checks, and number of checks, for the stream of a Consumer's Topic before the Consumer fails.
+# A Consumer whose Topic has no stream yet checks again this often (seconds)...
 _STREAM_WAIT = 0.5
+# ...and this many times before it fails with StreamNotFound.
 _STREAM_WAITS = 10
 
 RECONCILES = prometheus_client.Counter(
@@ -672,11 +673,11 @@ async def _reconcile_consumer(
     bus, jsm = await _topic_jetstream(context, topic, known)
     result = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
     # A Consumer applied together with its Topic often arrives before the Topic's stream
-    # exists: give the Topic's reconcile a moment instead of failing and retrying.
-    waits = 0
-    while result.error is not None and result.error.reason == "StreamNotFound" and waits < _STREAM_WAITS:
-        waits += 1
-        logger.debug("stream %s of Topic %s does not exist yet; checking again in %.1fs",
+    # exists. Give the Topic's reconcile a moment, so the Consumer does not fail and retry.
+    for _ in range(_STREAM_WAITS):
+        if result.error is None or result.error.reason != "StreamNotFound":
+            break
+        logger.debug("stream %s of Topic %s not found; checking again in %.1fs",
                      _naming.stream_name(namespace, topic.metadata.name), topic.metadata.name, _STREAM_WAIT)
         await asyncio.sleep(_STREAM_WAIT)
         result = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)

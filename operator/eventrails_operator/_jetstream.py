@@ -122,7 +122,7 @@ def stream_differences(live: StreamConfig, desired: StreamConfig) -> list[str]:
 
 # A work-queue stream delivers each subject to one consumer only.
 _FILTER_NOT_UNIQUE = 10100
-# The stream itself is missing (the consumer's own absence is 10014).
+# JetStream's code for a missing stream; a missing consumer on an existing stream is 10014.
 _STREAM_NOT_FOUND = 10059
 
 
@@ -265,8 +265,8 @@ async def ensure_consumer(jsm: JetStreamManager, stream: str, desired: ConsumerC
         if translated.err_code == _STREAM_NOT_FOUND:
             raise ReconcileError(
                 "StreamNotFound",
-                f"stream {stream} does not exist yet, so consumer {name} cannot be created; "
-                "it is created once the Topic's stream is (check the Topic's status if this lasts)",
+                f"stream {stream} not found, so consumer {name} cannot be created yet. It is created "
+                "once the Topic's stream exists; if this lasts, check the Topic's status",
                 temporary=True,
             ) from error
         live = None

@@ -429,8 +429,9 @@ def test_gitops_owned_fields_stay_with_gitops(namespaced_release: Release, opera
     user_annotations = {key: value for key, value in after["metadata"]["annotations"].items()
                         if not key.startswith("eventrails.dev/")}
     assert user_annotations == {"example.com/owner": "payments"}
-    # kopf's diff base is in the status, so the operator writes no annotation of its own here.
+    # kopf's record of the handled spec is in the status, not in an annotation.
     assert json.loads(after["status"]["lastHandledConfiguration"])["spec"] == after["spec"]
+    assert "eventrails.dev/last-handled-configuration" not in after["metadata"]["annotations"]
     assert after["metadata"]["finalizers"] == ["eventrails.dev/finalizer"]
 
     # The operator's writes own only status, its eventrails.dev/ annotations and its finalizer.

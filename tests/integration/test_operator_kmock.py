@@ -375,7 +375,7 @@ def operator_patches(api: EmulatedApi, resource: str, name: str, subresource: st
             if not request.headers.get("User-Agent", "").startswith("kmock/")]
 
 
-async def test_a_new_topic_costs_a_finalizer_write_and_one_status_write(
+async def test_new_topic_writes_finalizer_then_status(
     api: EmulatedApi, nats_server: NatsServer,
 ) -> None:
     settings = operator_settings(api, nats_server, post_events=False)
@@ -395,7 +395,7 @@ async def test_a_new_topic_costs_a_finalizer_write_and_one_status_write(
     assert json.loads(status["status"]["lastHandledConfiguration"]) == {"spec": {"tasks": ["send-email"]}}
 
 
-async def test_a_diff_base_in_the_old_annotation_is_read_then_moved_to_the_status(
+async def test_diff_base_moves_from_annotation_to_status(
     api: EmulatedApi, nats_server: NatsServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kopf.objects")
@@ -429,7 +429,7 @@ async def test_a_diff_base_in_the_old_annotation_is_read_then_moved_to_the_statu
     assert not any(message.startswith("Creation is processed") for message in messages), messages
 
 
-async def test_a_consumer_waits_for_its_topics_stream(
+async def test_consumer_waits_for_topic_stream(
     api: EmulatedApi, nats_server: NatsServer, nc: Client, caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kopf.objects")
@@ -437,8 +437,8 @@ async def test_a_consumer_waits_for_its_topics_stream(
         await apply(api, TOPICS, "Topic", "orders", {"tasks": ["send-email"]})
         await eventually(lambda: condition(live(api, TOPICS, "orders")).get("status") == "True",
                          "Topic orders to be Ready")
-        # The stream is gone, as it is for a Consumer applied together with its Topic;
-        # the Topic's next resync makes it again.
+        # The stream is gone, as it is for a Consumer applied together with its Topic.
+        # The Topic's next resync makes it again.
         await nc.jsm(timeout=5).delete_stream("shop_orders")
         await apply(api, CONSUMERS, "Consumer", "mailer", {"topic": "orders", "handler": "shop.workers:worker"})
         await eventually(lambda: condition(live(api, CONSUMERS, "mailer")).get("status") == "True",

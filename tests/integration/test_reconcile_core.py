@@ -265,7 +265,7 @@ async def test_retain_keeps_streams_and_delete_removes_them(jsm: JetStreamManage
     assert (await _reconcile.delete_consumer(jsm, consumer)).action == "absent"
 
 
-async def test_consumer_before_its_stream_waits_for_it(jsm: JetStreamManager, bus: BusConnection) -> None:
+async def test_consumer_without_stream_reports_stream_not_found(jsm: JetStreamManager, bus: BusConnection) -> None:
     topic, consumer = make_topic(), make_consumer()
 
     early = await _reconcile.reconcile_consumer(jsm, consumer, topic, bus)
@@ -273,7 +273,7 @@ async def test_consumer_before_its_stream_waits_for_it(jsm: JetStreamManager, bu
     assert early.error is not None
     assert early.error.reason == "StreamNotFound"
     assert early.error.temporary
-    assert "stream shop_orders does not exist yet" in early.error.message
+    assert "stream shop_orders not found" in early.error.message
     assert early.status["conditions"][0]["status"] == "False"
 
     await _reconcile.reconcile_topic(jsm, topic, bus)
@@ -283,7 +283,7 @@ async def test_consumer_before_its_stream_waits_for_it(jsm: JetStreamManager, bu
     assert [(change.name, change.action) for change in later.changes] == [("mailer", "created")]
 
 
-def test_translated_errors_name_the_action_once() -> None:
+def test_reconcile_error_names_action_once() -> None:
     error = nats.js.errors.NotFoundError(code=404, err_code=10059, description="stream not found")
     translated = translate(error, "create consumer shop_orders/mailer")
 
